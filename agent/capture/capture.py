@@ -1,0 +1,349 @@
+"""Capture: compile bpf/capture.c with BCC, attach each hook family, read the ring buffer."""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+from agent.events import Event, ProcessExit, Register, Space
+from agent.model import WatchInterrupt, WatchRegister
+
+from . import decode as dec
+from .hooks import FAMILIES, Family, HookStatus, check, kvm_is_module
+from .stats import FILTER_REASONS, CaptureStats, MapFill, bpf_stats_enabled, prog_fdinfo
+
+log = logging.getLogger(__name__)
+
+SOURCE = "capture.c"
+# maps whose fill is reported (name -> grows with guests)
+REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl")
+CFG_DISCOVERY_RATE = 0
+CFG_DISCOVERY_BURST = 1
+
+
+class CaptureError(RuntimeError):
+    pass
+
+
+def bpf_dir() -> Path:
+    """bpf/ of this checkout, or $VRA_BPF_DIR (set by the container image)."""
+    env = os.environ.get("VRA_BPF_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "bpf"
+
+
+def raw_tracepoints_usable() -> bool:
+    from bcc import BPF
+    if not BPF.support_raw_tracepoint():
+        return False
+    return not kvm_is_module() or BPF.support_raw_tracepoint_in_module()
+
+
+class Capture:
+    """BPF capture of KVM/vhost events. See docs/capture.md for the contract."""
+
+    def __init__(self, hooks: Optional[Iterable[str]] = None, ringbuf_pages: int = 64, *,
+                 discovery_rate: int = 200, discovery_burst: int = 64,
+                 raw_tracepoints: Optional[bool] = None, watch_entries: int = 4096,
+                 candidate_entries: int = 4096, vm_entries: int = 1024,
+                 irq_entries: int = 4096) -> None:
+        names = set(FAMILIES) if hooks is None else set(hooks)
+        unknown = names - set(FAMILIES)
+        if unknown:
+            raise ValueError(f"unknown hook families {sorted(unknown)}; known: {sorted(FAMILIES)}")
+        if ringbuf_pages < 1 or ringbuf_pages & (ringbuf_pages - 1):
+            raise ValueError(f"ringbuf_pages must be a power of two, got {ringbuf_pages}")
+        if discovery_rate < 0 or discovery_burst < 1:
+            raise ValueError("discovery_rate must be >= 0 and discovery_burst >= 1")
+        self.families = sorted(names)
+        self.ringbuf_pages = ringbuf_pages
+        self.discovery_rate = discovery_rate
+        self.discovery_burst = discovery_burst
+        self.raw_tracepoints = raw_tracepoints
+        self.sizes = {"WATCH_ENTRIES": watch_entries, "CAND_ENTRIES": candidate_entries,
+                      "VM_ENTRIES": vm_entries, "IRQ_ENTRIES": irq_entries}
+        self.hook_status: dict[str, HookStatus] = {}
+        self.bpf = None
+        self._batch: list[Event] = []
+        self._delivered = 0
+        self._decode_errors = 0
+        self._watch_errors = 0
+        # mirror of what we put in watch / irq_watch, per pid, to clean up on ProcessExit
+        self._watched: dict[int, set] = {}
+        self._irqs: dict[int, set] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def __enter__(self) -> "Capture":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> dict[str, HookStatus]:
+        if self.bpf is not None:
+            return self.hook_status
+        try:
+            from bcc import BPF  # noqa: F401
+        except Exception as exc:
+            raise CaptureError(f"BCC is not importable: {exc}") from exc
+        src_path = bpf_dir() / SOURCE
+        try:
+            self._text = src_path.read_text()
+        except OSError as exc:
+            raise CaptureError(f"cannot read BPF source {src_path}: {exc} "
+                               "(set VRA_BPF_DIR to the bpf/ directory)") from exc
+        if self.raw_tracepoints is None:
+            self.raw_tracepoints = raw_tracepoints_usable()
+
+        wanted: list[Family] = []
+        for name in self.families:
+            fam = FAMILIES[name]
+            problem = check(fam)
+            if problem:
+                self.hook_status[name] = HookStatus(name, False, problem)
+            else:
+                wanted.append(fam)
+        self.bpf, failed = self._compile(wanted)
+        for fam, reason in failed.items():
+            self.hook_status[fam] = HookStatus(fam, False, reason)
+        if self.bpf is None:
+            return self.hook_status
+        self._configure()
+        for fam in wanted:
+            if fam.name not in failed:
+                self.hook_status[fam.name] = self._attach(fam)
+        self.bpf[b"events"].open_ring_buffer(self._on_event)
+        return self.hook_status
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            try:
+                self.bpf.cleanup()
+            finally:
+                self.bpf = None
+
+    # ---- compile / attach ------------------------------------------------------------
+    def _cflags(self, fams: Iterable[Family]) -> list[str]:
+        flags = [f"-D{f.macro}" for f in fams]
+        flags.append(f"-DRAW_TP={1 if self.raw_tracepoints else 0}")
+        flags.append(f"-DRINGBUF_PAGES={self.ringbuf_pages}")
+        flags += [f"-D{k}={v}" for k, v in self.sizes.items()]
+        return flags
+
+    def _build(self, fams: list[Family]):
+        from bcc import BPF
+        # Tracepoint-mode programs (TRACEPOINT_PROBE) are attached by BCC while loading.
+        return BPF(text=self._text, cflags=self._cflags(fams))
+
+    def _compile(self, fams: list[Family]):
+        """Build all families together; if that fails, find the culprits one by one."""
+        failed: dict[str, str] = {}
+        if not fams:
+            return None, failed
+        try:
+            return self._build(fams), failed
+        except Exception as exc:
+            if len(fams) == 1:
+                return None, {fams[0].name: f"compile/load failed: {_short(exc)}"}
+            log.warning("BPF build with all families failed (%s); isolating", _short(exc))
+        ok = []
+        for fam in fams:
+            try:
+                self._build([fam]).cleanup()
+                ok.append(fam)
+            except Exception as exc:
+                failed[fam.name] = f"compile/load failed: {_short(exc)}"
+        if not ok:
+            return None, failed
+        try:
+            return self._build(ok), failed
+        except Exception as exc:
+            for fam in ok:
+                failed[fam.name] = f"compile/load failed together: {_short(exc)}"
+            return None, failed
+
+    def _attach(self, fam: Family) -> HookStatus:
+        from bcc import BPF
+        b = self.bpf
+        try:
+            if fam.kprobes:
+                for sym in fam.kprobes:
+                    b.attach_kprobe(event=sym.encode(), fn_name=f"kp_{sym}".encode())
+                return HookStatus(fam.name, True, "kprobe")
+            if fam.raw and self.raw_tracepoints:
+                for _cat, ev in fam.tracepoints:
+                    b.attach_raw_tracepoint(tp=ev.encode(), fn_name=f"rtp_{ev}".encode())
+                return HookStatus(fam.name, True, "raw tracepoint")
+            # TRACEPOINT_PROBE programs were attached by BCC when loading
+            for cat, ev in fam.tracepoints:
+                fn = f"tracepoint__{cat}__{ev}".encode()
+                if fn not in b.funcs:
+                    b.load_func(fn, BPF.TRACEPOINT)
+                    b.attach_tracepoint(tp=f"{cat}:{ev}".encode(), fn_name=fn)
+            return HookStatus(fam.name, True, "tracepoint")
+        except Exception as exc:
+            return HookStatus(fam.name, False, f"attach failed: {_short(exc)}")
+
+    def _configure(self) -> None:
+        cfg = self.bpf[b"config"]
+        cfg[ctypes.c_int(CFG_DISCOVERY_RATE)] = ctypes.c_uint64(self.discovery_rate)
+        cfg[ctypes.c_int(CFG_DISCOVERY_BURST)] = ctypes.c_uint64(self.discovery_burst)
+
+    # ---- events ----------------------------------------------------------------------
+    def _on_event(self, _ctx, data, size) -> None:
+        try:
+            ev = dec.decode(ctypes.string_at(data, size))
+        except dec.DecodeError as exc:
+            self._decode_errors += 1
+            log.debug("decode error: %s", exc)
+            return
+        self._batch.append(ev)
+
+    def poll(self, timeout_ms: int = 100) -> list[Event]:
+        """Events available now (waiting up to timeout_ms for the first), sorted by ts."""
+        if self.bpf is None:
+            raise CaptureError("capture is not started (or failed to load): call start()")
+        self._batch = []
+        self.bpf.ring_buffer_poll(timeout_ms)
+        batch, self._batch = self._batch, []
+        batch.sort(key=lambda e: e.ts_ns)
+        self._delivered += len(batch)
+        for ev in batch:
+            if isinstance(ev, ProcessExit):
+                self._forget(ev.pid)
+        return batch
+
+    # ---- watch maps ------------------------------------------------------------------
+    def _reg_key(self, pid: int, space: str, addr: int):
+        k = self.bpf[b"watch"].Key()
+        k.tgid = pid
+        k.space = dec.SPACE_CODES[space]
+        k.addr = addr
+        return k
+
+    def watch_register(self, req: WatchRegister) -> bool:
+        """Apply correlation's request. Returns False (and counts) if the map refused it."""
+        if self.bpf is None:
+            raise CaptureError("capture is not started")
+        if req.space not in dec.SPACE_CODES:
+            raise ValueError(f"unknown address space {req.space!r}")
+        if req.register not in Register.NAMES:
+            raise ValueError(f"unknown register kind {req.register!r}")
+        watch, cands = self.bpf[b"watch"], self.bpf[b"candidates"]
+        key = self._reg_key(req.pid, req.space, req.addr)
+        ident = (req.space, req.addr)
+        if not req.add:
+            try:
+                del watch[key]
+            except KeyError:
+                pass
+            self._watched.get(req.pid, set()).discard(ident)
+            return True
+        cur = watch.get(key)
+        if cur is not None and cur.reg == req.register:
+            return True
+        val = watch.Leaf()
+        val.reg = req.register
+        # carry the discovery state over, so the already-forwarded value is not re-sent
+        ckey = cands.Key(key.tgid, key.space, key.addr)
+        cand = cands.get(ckey)
+        if cand is not None:
+            val.st = cand
+        try:
+            watch[key] = val
+        except Exception as exc:
+            self._watch_errors += 1
+            log.debug("watch map update failed: %s", exc)
+            return False
+        if cand is not None:
+            try:
+                del cands[ckey]
+            except KeyError:
+                pass
+        self._watched.setdefault(req.pid, set()).add(ident)
+        return True
+
+    def watch_interrupt(self, req: WatchInterrupt) -> bool:
+        if self.bpf is None:
+            raise CaptureError("capture is not started")
+        if req.vector is None and req.gsi is None:
+            raise ValueError("WatchInterrupt needs a vector or a gsi")
+        table = self.bpf[b"irq_watch"]
+        ok = True
+        for kind, num in ((dec.IRQ_KIND_VECTOR, req.vector), (dec.IRQ_KIND_GSI, req.gsi)):
+            if num is None:
+                continue
+            key = table.Key(req.pid, kind, num, 0)
+            if req.add:
+                try:
+                    table[key] = ctypes.c_uint8(1)
+                    self._irqs.setdefault(req.pid, set()).add((kind, num))
+                except Exception as exc:
+                    self._watch_errors += 1
+                    log.debug("irq_watch update failed: %s", exc)
+                    ok = False
+            else:
+                try:
+                    del table[key]
+                except KeyError:
+                    pass
+                self._irqs.get(req.pid, set()).discard((kind, num))
+        return ok
+
+    def _forget(self, pid: int) -> None:
+        for space, addr in self._watched.pop(pid, ()):
+            try:
+                del self.bpf[b"watch"][self._reg_key(pid, space, addr)]
+            except KeyError:
+                pass
+        table = self.bpf[b"irq_watch"]
+        for kind, num in self._irqs.pop(pid, ()):
+            try:
+                del table[table.Key(pid, kind, num, 0)]
+            except KeyError:
+                pass
+
+    # ---- stats -----------------------------------------------------------------------
+    def counters(self) -> dict[str, int]:
+        if self.bpf is None:
+            return {}
+        table = self.bpf[b"counters"]
+        out = {}
+        for i, name in enumerate(dec.COUNTERS):
+            out[name] = int(sum(table[ctypes.c_int(i)]))
+        return out
+
+    def stats(self) -> CaptureStats:
+        c = self.counters()
+        maps: dict[str, MapFill] = {}
+        programs = {}
+        if self.bpf is not None:
+            for name in REPORTED_MAPS:
+                t = self.bpf[name.encode()]
+                maps[name] = MapFill(sum(1 for _ in t.keys()), t.max_entries)
+            for fname, fn in self.bpf.funcs.items():
+                ps = prog_fdinfo(fn.fd)
+                if ps is not None:
+                    programs[fname.decode()] = ps
+        lost = {"ringbuf_full": c.get("ringbuf_full", 0), "decode_error": self._decode_errors,
+                "candidate_map_full": c.get("candidate_map_full", 0),
+                "watch_map_full": self._watch_errors,
+                "kernel_read_error": c.get("kernel_read_error", 0),
+                "user_read_error": c.get("user_read_error", 0)}
+        return CaptureStats(
+            forwarded=c.get("forwarded", 0), delivered=self._delivered,
+            filtered={r: c.get(r, 0) for r in FILTER_REASONS}, lost=lost, counters=c,
+            maps=maps, programs=programs, bpf_stats_enabled=bpf_stats_enabled())
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[-1] if text else type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno:
+        msg = f"{errno.errorcode.get(exc.errno, exc.errno)}: {msg}"
+    return msg[:300]

@@ -1,0 +1,455 @@
+"""The Correlator: agent.events in, agent.model outputs and snapshots out. Pure: no I/O, no clock.
+
+See docs/correlation.md for discovery, the state machine, episodes, the reordering window and
+how lost events degrade the results.
+"""
+from __future__ import annotations
+
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Optional
+
+from agent.events import (
+    ApicAccepted, Event, IrqLine, MsiInjected, Op, ProcessExit,
+    QueueNotify, Register, RegisterAccess, Space, VhostStatus, VmStarted,
+)
+from agent.model import (
+    DeviceView, EpisodeEnded, EpisodeStuck, Evidence, Output, Rule, Snapshot, Transport, Violation, VmIdentity,
+    WatchInterrupt, WatchRegister,
+)
+from agent.correlate.config import CorrelatorConfig, DeviceHint
+from agent.correlate.device import DeviceState, copy_episode
+from agent.correlate.layout import (
+    MMIO_ALIGN, MMIO_DEVICE_ID_OFFSET, MMIO_MAGIC_OFFSET, VIRTIO_MMIO_MAGIC, Layout, layout_for,
+    looks_initialised, type_from_virtio_id,
+)
+
+ISR_CONFIG = 0x2        # ISR status / InterruptStatus bit: configuration change
+RESET_SEQUENCE = (0, 1, 3)  # writes that confirm a status register
+
+
+@dataclass(slots=True)
+class Candidate:
+    """An address discovery has not decided about yet."""
+
+    size: int
+    writes: deque = field(default_factory=lambda: deque(maxlen=len(RESET_SEQUENCE)))
+    last_read: Optional[int] = None
+
+
+@dataclass(slots=True)
+class VmState:
+    identity: VmIdentity
+    fallback: bool                    # identity made up from the pid (no VmStarted seen)
+    last_ts: int
+    devices: dict[str, DeviceState] = field(default_factory=dict)
+    regs: dict[tuple[str, int], tuple[DeviceState, int]] = field(default_factory=dict)
+    candidates: OrderedDict = field(default_factory=OrderedDict)  # (space, addr) -> Candidate
+    recent_apic: deque = field(default_factory=deque)   # (ts, vector)
+    recent_irq: deque = field(default_factory=deque)    # (ts, gsi) rising edges
+    vectors: dict[int, DeviceState] = field(default_factory=dict)
+
+    @property
+    def busy(self) -> bool:
+        return any(d.open_episode is not None for d in self.devices.values())
+
+
+def fallback_identity(pid: int) -> VmIdentity:
+    return VmIdentity(pid=pid, start_time=0, name=f"pid-{pid}", vmm="unknown")
+
+
+class Correlator:
+    """Feed events (any order within the reorder window); get outputs; take snapshots."""
+
+    def __init__(self, config: CorrelatorConfig | None = None) -> None:
+        from agent.correlate.reorder import ReorderBuffer
+
+        self.config = config or CorrelatorConfig()
+        self._buffer = ReorderBuffer(self.config.reorder_window_ns)
+        self._vms: dict[int, VmState] = {}
+        self._devices = 0
+        self._violations: Counter = Counter()     # (VmIdentity, rule) -> count
+        self._ended: Counter = Counter()          # outcome -> count
+        self._evictions: Counter = Counter({"vm": 0, "device": 0})
+        self._stats: Counter = Counter()
+        self._now = 0                             # newest processed (or ticked) time
+
+    # -- public API ------------------------------------------------------------------------
+
+    def feed(self, event: Event) -> list[Output]:
+        self._stats[f"events_{event.kind}"] += 1
+        self._buffer.push(event)
+        return self._drain(self._buffer.horizon())
+
+    def tick(self, now_ns: int) -> list[Output]:
+        """Advance time: process events older than the reorder window, stuck and notify checks."""
+        return self._drain(now_ns - self.config.reorder_window_ns, stuck_now=now_ns)
+
+    def flush(self) -> list[Output]:
+        """Process every buffered event now (end of a recording)."""
+        return self._drain(None)
+
+    def stats(self) -> dict[str, int]:
+        """Internal counters: events per kind, late (reordered beyond the window), candidates
+        evicted, accesses not attributable, inferred resets, devices discovered."""
+        s = dict(self._stats)
+        s["late_events"] = self._buffer.late
+        s["buffered_events"] = len(self._buffer)
+        return s
+
+    def snapshot(self, now_ns: int) -> Snapshot:
+        views = []
+        for vm in self._vms.values():
+            for dev in vm.devices.values():
+                ep = None
+                if dev.open_episode is not None:
+                    ep = copy_episode(dev.open_episode)
+                    ep.stuck = ep.stuck or now_ns - ep.start_ns >= self.config.stuck_after_ns
+                views.append(DeviceView(
+                    vm=vm.identity, device=dev.id, type=dev.type, transport=dev.transport,
+                    status=dev.status or 0, needs_reset_total=dev.needs_reset_total,
+                    recoveries_total=dev.recoveries_total, resets_total=dev.resets_total,
+                    failed_total=dev.failed_total,
+                    config_interrupts_total=dev.config_interrupts_total, open_episode=ep))
+        return Snapshot(now_ns=now_ns, devices=views, violations=dict(self._violations),
+                        episodes_ended=dict(self._ended), vms=len(self._vms),
+                        evictions=dict(self._evictions))
+
+    # -- event loop ------------------------------------------------------------------------
+
+    def _drain(self, upto: int | None, stuck_now: int | None = None) -> list[Output]:
+        out: list[Output] = []
+        for event in self._buffer.release(upto):
+            self._now = max(self._now, event.ts_ns)
+            self._timers(event.ts_ns, event.ts_ns, out)
+            self._apply(event, out)
+        if upto is None:
+            upto = self._buffer.released_ns
+        if upto is not None:
+            self._now = max(self._now, upto)
+            self._timers(stuck_now if stuck_now is not None else upto, upto, out)
+        for o in out:
+            if isinstance(o, Violation):
+                self._violations[(o.vm, o.rule)] += 1
+            elif isinstance(o, EpisodeEnded):
+                self._ended[o.episode.outcome] += 1
+        return out
+
+    def _timers(self, now: int, horizon: int, out: list[Output]) -> None:
+        """Stuck episodes (at `now`) and expired notify windows (events up to `horizon` seen)."""
+        stuck_after = self.config.stuck_after_ns
+        for vm in self._vms.values():
+            for dev in vm.devices.values():
+                if dev.notify_deadline_ns is not None and horizon > dev.notify_deadline_ns:
+                    dev.notify_deadline_ns = None
+                    out.append(Violation(dev.notify_episode_start_ns, vm.identity, dev.id,
+                                         Rule.NEEDS_RESET_WITHOUT_NOTIFY,
+                                         "no config interrupt within the notify window"))
+                ep = dev.open_episode
+                if ep is not None and not ep.stuck and now - ep.start_ns >= stuck_after:
+                    ep.stuck = True
+                    out.append(EpisodeStuck(copy_episode(ep)))
+
+    def _apply(self, ev: Event, out: list[Output]) -> None:
+        if isinstance(ev, VmStarted):
+            self._vm_started(ev, out)
+            return
+        if isinstance(ev, ProcessExit):
+            vm = self._vms.get(ev.pid)
+            if vm is not None:
+                self._remove_vm(vm, ev.ts_ns, out)
+            return
+        vm = self._vm(ev.pid, ev.ts_ns, out)
+        vm.last_ts = ev.ts_ns
+        if isinstance(ev, RegisterAccess):
+            self._access(vm, ev, out)
+        elif isinstance(ev, ApicAccepted):
+            self._apic(vm, ev, out)
+        elif isinstance(ev, IrqLine):
+            if ev.level:
+                self._remember(vm.recent_irq, (ev.ts_ns, ev.gsi))
+        elif isinstance(ev, VhostStatus):
+            self._vhost(vm, ev, out)
+        elif isinstance(ev, (MsiInjected, QueueNotify)):
+            pass  # MSI: not delivery evidence (ApicAccepted is); kicks: not status traffic
+        else:  # pragma: no cover - Event is a closed union
+            raise TypeError(f"not an event: {ev!r}")
+
+    # -- VMs -------------------------------------------------------------------------------
+
+    def _vm(self, pid: int, ts: int, out: list[Output]) -> VmState:
+        vm = self._vms.get(pid)
+        if vm is None:
+            vm = self._new_vm(fallback_identity(pid), True, ts, out)
+        return vm
+
+    def _new_vm(self, identity: VmIdentity, fallback: bool, ts: int, out: list[Output]) -> VmState:
+        if len(self._vms) >= self.config.max_vms:
+            victim = min(self._vms.values(), key=lambda v: (v.busy, v.last_ts))
+            self._evictions["vm"] += 1
+            self._remove_vm(victim, ts, out)
+        vm = VmState(identity=identity, fallback=fallback, last_ts=ts)
+        self._vms[identity.pid] = vm
+        for hint in self.config.hints:
+            if hint.vm and hint.vm == identity.name and hint.transport:
+                self._confirm(vm, hint.space, hint.addr, None, ts, out, hint=hint)
+        return vm
+
+    def _vm_started(self, ev: VmStarted, out: list[Output]) -> None:
+        identity = VmIdentity(pid=ev.pid, start_time=ev.start_time, name=ev.name,
+                              namespace=ev.namespace, uuid=ev.uuid, vmm=ev.vmm)
+        vm = self._vms.get(ev.pid)
+        if vm is None:
+            self._new_vm(identity, False, ev.ts_ns, out)
+        elif vm.fallback or vm.identity.start_time == ev.start_time:
+            # the identity arrived after the first events of this process: adopt it
+            self._rename(vm, identity)
+            vm.last_ts = ev.ts_ns
+        else:
+            # pid reuse: a different process now has this pid; the old VM is gone
+            self._remove_vm(vm, ev.ts_ns, out)
+            self._new_vm(identity, False, ev.ts_ns, out)
+
+    def _rename(self, vm: VmState, identity: VmIdentity) -> None:
+        old = vm.identity
+        vm.identity = identity
+        vm.fallback = False
+        for dev in vm.devices.values():
+            if dev.open_episode is not None:
+                dev.open_episode.vm = identity
+        for (who, rule) in [k for k in self._violations if k[0] == old]:
+            self._violations[(identity, rule)] += self._violations.pop((who, rule))
+
+    def _remove_vm(self, vm: VmState, ts: int, out: list[Output]) -> None:
+        for dev in list(vm.devices.values()):
+            self._remove_device(vm, dev, ts, out)
+        for key in [k for k in self._violations if k[0] == vm.identity]:
+            del self._violations[key]   # bounded: a gone VM's series go away
+        del self._vms[vm.identity.pid]
+
+    # -- devices ---------------------------------------------------------------------------
+
+    def _remove_device(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
+        out.extend(dev.abandon(ts))
+        space = dev.layout.space if dev.layout else ""
+        for addr, reg in dev.watched.items():
+            vm.regs.pop((space, addr), None)
+            out.append(WatchRegister(vm.identity.pid, space, addr, reg, add=False))
+        if dev.config_vector is not None:
+            vm.vectors.pop(dev.config_vector, None)
+            out.append(WatchInterrupt(vm.identity.pid, vector=dev.config_vector, add=False))
+        if dev.gsi is not None and not any(
+                d.gsi == dev.gsi for d in vm.devices.values() if d is not dev):
+            out.append(WatchInterrupt(vm.identity.pid, gsi=dev.gsi, add=False))
+        del vm.devices[dev.id]
+        self._devices -= 1
+
+    def _add_device(self, vm: VmState, dev: DeviceState, out: list[Output]) -> None:
+        if self._devices >= self.config.max_devices:
+            owner, victim = min(
+                ((v, d) for v in self._vms.values() for d in v.devices.values()),
+                key=lambda vd: (vd[1].open_episode is not None, vd[1].last_ts))
+            self._evictions["device"] += 1
+            self._remove_device(owner, victim, dev.last_ts, out)
+        vm.devices[dev.id] = dev
+        self._devices += 1
+        self._stats["devices_discovered"] += 1
+
+    def _confirm(self, vm: VmState, space: str, addr: int, size: int | None, ts: int,
+                 out: list[Output], hint: DeviceHint | None = None) -> Optional[DeviceState]:
+        """Make a device of the status register at (space, addr) and ask capture to watch it."""
+        layout = layout_for(space, addr, size or 0, hint.transport if hint else "")
+        if layout is None:
+            return None
+        existing = vm.devices.get(layout.device_id)
+        if existing is not None:
+            return existing
+        dev_type = hint.type if hint else "unknown"
+        if layout.transport == Transport.MMIO and dev_type == "unknown":
+            cand = vm.candidates.get((space, layout.base + MMIO_DEVICE_ID_OFFSET))
+            if cand is not None and cand.last_read:
+                dev_type = type_from_virtio_id(cand.last_read)
+        dev = DeviceState(id=layout.device_id, type=dev_type, transport=layout.transport,
+                          layout=layout, last_ts=ts)
+        self._add_device(vm, dev, out)
+        for reg_addr, reg in layout.registers().items():
+            vm.candidates.pop((space, reg_addr), None)
+            vm.regs[(space, reg_addr)] = (dev, reg)
+            dev.watched[reg_addr] = reg
+            out.append(WatchRegister(vm.identity.pid, space, reg_addr, reg))
+        if hint is not None:
+            if hint.config_vector is not None:
+                self._learn_vector(vm, dev, hint.config_vector, out)
+            if hint.gsi is not None:
+                self._learn_gsi(vm, dev, hint.gsi, out)
+        return dev
+
+    def _learn_vector(self, vm: VmState, dev: DeviceState, vector: int, out: list[Output]) -> None:
+        dev.config_vector = vector
+        vm.vectors[vector] = dev
+        out.append(WatchInterrupt(vm.identity.pid, vector=vector))
+
+    def _learn_gsi(self, vm: VmState, dev: DeviceState, gsi: int, out: list[Output]) -> None:
+        known = any(d.gsi == gsi for d in vm.devices.values())
+        dev.gsi = gsi
+        if not known:
+            out.append(WatchInterrupt(vm.identity.pid, gsi=gsi))
+
+    def _hint_for(self, vm: VmState, space: str, addr: int) -> DeviceHint | None:
+        for hint in self.config.hints:
+            if hint.space == space and hint.addr == addr and hint.vm in ("", vm.identity.name):
+                return hint
+        return None
+
+    # -- register accesses -----------------------------------------------------------------
+
+    def _access(self, vm: VmState, ev: RegisterAccess, out: list[Output]) -> None:
+        known = vm.regs.get((ev.space, ev.addr))
+        if known is None:
+            dev = self._discover(vm, ev, out)
+            if dev is None:
+                return
+            known = vm.regs[(ev.space, ev.addr)]
+            if known[1] != Register.STATUS:
+                return
+        dev, reg = known
+        dev.last_ts = ev.ts_ns
+        if reg == Register.STATUS:
+            self._status(vm, dev, ev, out)
+        elif reg == Register.ISR and ev.op == Op.READ and ev.value & ISR_CONFIG:
+            self._isr_config(vm, dev, ev.ts_ns, out)
+        elif reg == Register.MSIX_CONFIG and ev.op == Op.WRITE:
+            dev.msix_config = ev.value
+        # config_generation and InterruptACK: watched for completeness, no state
+
+    def _status(self, vm: VmState, dev: DeviceState, ev: RegisterAccess, out: list[Output]) -> None:
+        value = ev.value & 0xFF
+        if ev.op == Op.WRITE:
+            out.extend(dev.status_write(vm.identity, ev.ts_ns, value,
+                                        self.config.max_reinit_values))
+            return
+        prev_status = dev.status
+        if dev.status_read(ev.ts_ns, value):
+            self._start_from_read(vm, dev, ev.ts_ns, prev_status, out)
+
+    def _start_from_read(self, vm: VmState, dev: DeviceState, ts: int,
+                         prev_status: Optional[int], out: list[Output]) -> None:
+        window = self.config.notify_window_ns
+        start, evidence = ts, Evidence.STATUS_READ
+        irq = dev.recent_config_irq(ts, window)
+        if irq is None and not dev.config_irq_known and not dev.no_config_vector:
+            # the APIC vector accepted right before the first 0x40 read is the config vector
+            for t, vector in reversed(vm.recent_apic):
+                if t < ts - window:
+                    break
+                if t <= ts and vector not in vm.vectors:
+                    self._learn_vector(vm, dev, vector, out)
+                    status_then, dev.status = dev.status, prev_status
+                    out.extend(dev.config_interrupt(vm.identity, t))
+                    dev.status = status_then
+                    irq = t
+                    break
+        if irq is not None:
+            start, evidence = irq, Evidence.CONFIG_INTERRUPT
+        dev.start_episode(vm.identity, start, evidence, guest_saw_ns=ts)
+        if evidence == Evidence.STATUS_READ and dev.config_irq_known:
+            dev.notify_deadline_ns = start + window
+            dev.notify_episode_start_ns = start
+
+    def _discover(self, vm: VmState, ev: RegisterAccess, out: list[Output]) -> Optional[DeviceState]:
+        """Decide whether an unknown address is a status register; the device if it now is."""
+        space, addr = ev.space, ev.addr
+        hint = self._hint_for(vm, space, addr)
+        if hint is not None or ev.register == Register.STATUS:
+            return self._confirm(vm, space, addr, ev.size, ev.ts_ns, out, hint=hint)
+        if space == Space.MMIO and ev.size == 4 and ev.op == Op.READ:
+            offset = addr % MMIO_ALIGN
+            if offset in (MMIO_DEVICE_ID_OFFSET, MMIO_MAGIC_OFFSET):
+                dev = vm.devices.get(Layout(Transport.MMIO, space, addr - offset).device_id)
+                if dev is not None:
+                    if offset == MMIO_DEVICE_ID_OFFSET:
+                        dev.type = type_from_virtio_id(ev.value)
+                    return None
+                if offset == MMIO_MAGIC_OFFSET and ev.value != VIRTIO_MMIO_MAGIC:
+                    return None
+                self._candidate(vm, ev).last_read = ev.value
+                return None
+        layout = layout_for(space, addr, ev.size)
+        if layout is None:
+            self._stats["accesses_not_status_layout"] += 1
+            return None
+        cand = self._candidate(vm, ev)
+        value = ev.value & 0xFF
+        if ev.op == Op.WRITE:
+            cand.writes.append(value)
+            if tuple(cand.writes) == RESET_SEQUENCE:
+                dev = self._confirm(vm, space, addr, ev.size, ev.ts_ns, out)
+                if dev is not None:
+                    # the 0 and 1 writes that made the sequence happened before the device existed
+                    dev.resets_total += 1
+                    dev.driver_bits = 1
+                    dev.status = 1
+                return dev
+            if value == 0 or not (layout.aligned() and looks_initialised(value)):
+                return None
+        else:
+            cand.last_read = value
+            if not (layout.aligned() and looks_initialised(value)):
+                return None
+        # a running device first seen now (the agent started after the guest driver)
+        return self._confirm(vm, space, addr, ev.size, ev.ts_ns, out)
+
+    def _candidate(self, vm: VmState, ev: RegisterAccess) -> Candidate:
+        key = (ev.space, ev.addr)
+        cand = vm.candidates.get(key)
+        if cand is None:
+            if len(vm.candidates) >= self.config.max_candidates_per_vm:
+                vm.candidates.popitem(last=False)
+                self._stats["candidates_evicted"] += 1
+            cand = vm.candidates[key] = Candidate(size=ev.size)
+        else:
+            vm.candidates.move_to_end(key)
+        return cand
+
+    # -- interrupts ------------------------------------------------------------------------
+
+    def _remember(self, ring: deque, item: tuple[int, int]) -> None:
+        ring.append(item)
+        while len(ring) > self.config.max_recent_interrupts:
+            ring.popleft()
+
+    def _apic(self, vm: VmState, ev: ApicAccepted, out: list[Output]) -> None:
+        self._remember(vm.recent_apic, (ev.ts_ns, ev.vector))
+        dev = vm.vectors.get(ev.vector)
+        if dev is not None:
+            out.extend(dev.config_interrupt(vm.identity, ev.ts_ns))
+
+    def _isr_config(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
+        """ISR / InterruptStatus read with the configuration-change bit: an INTx config interrupt,
+        raised at the latest line rise (of the device's GSI, once known) within the window."""
+        at = ts
+        for t, gsi in reversed(vm.recent_irq):
+            if t < ts - self.config.notify_window_ns:
+                break
+            if t <= ts and (dev.gsi is None or gsi == dev.gsi):
+                at = t
+                if dev.gsi is None:
+                    self._learn_gsi(vm, dev, gsi, out)
+                break
+        out.extend(dev.config_interrupt(vm.identity, at))
+
+    # -- vhost-vdpa ------------------------------------------------------------------------
+
+    def _vhost(self, vm: VmState, ev: VhostStatus, out: list[Output]) -> None:
+        dev_id = f"vhost-fd{ev.fd}"
+        dev = vm.devices.get(dev_id)
+        if dev is None:
+            dev = DeviceState(id=dev_id, type="unknown", transport=Transport.VHOST, layout=None,
+                              last_ts=ev.ts_ns)
+            self._add_device(vm, dev, out)
+        value = ev.value & 0xFF
+        if ev.op == Op.WRITE:
+            out.extend(dev.status_write(vm.identity, ev.ts_ns, value,
+                                        self.config.max_reinit_values))
+        elif dev.status_read(ev.ts_ns, value):
+            dev.start_episode(vm.identity, ev.ts_ns, Evidence.VHOST, guest_saw_ns=None)

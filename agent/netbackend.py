@@ -1,0 +1,300 @@
+"""Host network backends of a VM's virtio-net devices, and what an outage cost them.
+
+A VMM process holds its tap backends as open file descriptors:
+
+* a tun/tap interface: an fd on /dev/net/tun; the kernel prints the interface name as the
+  `iff:` line of /proc/PID/fdinfo/FD (tun_chr_show_fdinfo; empty when the queue is detached);
+* a macvtap/ipvtap interface: an fd on the character device /dev/tapN (/dev/ipvtapN),
+  where N is the interface's ifindex.
+
+`TapMap` parses /proc (injectable root, for fixtures) and resolves names/indexes against the
+links of the VMM's network namespace (`LinkTable`, read over rtnetlink with pyroute2).
+`LinkStatsReader.snapshot()` reads IFLA_STATS64 of one interface; `diff()` of two snapshots
+(taken at a NEEDS_RESET episode's start and end) is the episode's `OutageImpact`.
+See docs/network.md for what the counters mean and their limits.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+TUN_DEVICE = "/dev/net/tun"
+_CHARDEV_TAP = re.compile(r"^/dev/(tap|ipvtap)(\d+)$")
+_IFF_LINE = re.compile(r"^iff:\t(.*)$", re.MULTILINE)
+IFNAMSIZ = 16
+
+# IFLA_TUN_TYPE values (IFF_TUN / IFF_TAP)
+_TUN_TYPES = {1: "tun", 2: "tap"}
+
+
+@dataclass(frozen=True, slots=True)
+class LinkInfo:
+    ifindex: int
+    ifname: str
+    kind: str        # "tap", "tun", "macvtap", "ipvtap", "veth", ... ; "" for a plain device
+
+
+class LinkTable:
+    """The links of one network namespace, by index and by name."""
+
+    def __init__(self, links: Iterable[LinkInfo]):
+        self._by_index: dict[int, LinkInfo] = {}
+        self._by_name: dict[str, LinkInfo] = {}
+        for link in links:
+            if link.ifindex <= 0 or not link.ifname or len(link.ifname) >= IFNAMSIZ:
+                raise ValueError(f"invalid link {link!r}")
+            self._by_index[link.ifindex] = link
+            self._by_name[link.ifname] = link
+
+    def by_index(self, ifindex: int) -> Optional[LinkInfo]:
+        return self._by_index.get(ifindex)
+
+    def by_name(self, ifname: str) -> Optional[LinkInfo]:
+        return self._by_name.get(ifname)
+
+    def __len__(self) -> int:
+        return len(self._by_index)
+
+
+@dataclass(frozen=True, slots=True)
+class TapBackend:
+    ifname: str              # "" when a /dev/tapN fd could not be resolved
+    ifindex: Optional[int]   # None when the name could not be resolved in the VMM's netns
+    kind: str                # LinkInfo.kind when resolved; "unresolved" otherwise
+    fd: int                  # the VMM's fd (a multiqueue tap shows once per queue fd)
+    device: str              # /dev/net/tun, /dev/tapN or /dev/ipvtapN
+
+    @property
+    def resolved(self) -> bool:
+        return self.ifindex is not None
+
+
+def link_info_from_msg(msg) -> LinkInfo:
+    """LinkInfo from a pyroute2 ifinfmsg (RTM_NEWLINK/RTM_DELLINK or a dump entry)."""
+    kind = ""
+    linkinfo = msg.get_attr("IFLA_LINKINFO")
+    if linkinfo is not None:
+        kind = linkinfo.get_attr("IFLA_INFO_KIND") or ""
+        if kind == "tun":
+            data = linkinfo.get_attr("IFLA_INFO_DATA")
+            tun_type = data.get_attr("IFLA_TUN_TYPE") if data is not None else None
+            kind = _TUN_TYPES.get(tun_type, "tun")
+    return LinkInfo(ifindex=msg["index"], ifname=msg.get_attr("IFLA_IFNAME") or "", kind=kind)
+
+
+def netns_path_of(pid: int, proc_root: str = "/proc") -> Optional[str]:
+    """The network namespace file of `pid`, or None when it is our own namespace."""
+    path = os.path.join(proc_root, str(pid), "ns", "net")
+    theirs = os.stat(path)
+    ours = os.stat("/proc/self/ns/net")
+    if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+        return None
+    return path
+
+
+def open_iproute(netns: Optional[str] = None):
+    """A pyroute2 IPRoute for queries only (no multicast groups), in `netns` (a path) or ours."""
+    from pyroute2 import IPRoute
+
+    if netns is None:
+        return IPRoute(groups=0)
+    # flags=0: never create the namespace, fail if it is gone
+    return IPRoute(netns=netns, flags=0, groups=0)
+
+
+def read_links(netns: Optional[str] = None) -> LinkTable:
+    with open_iproute(netns) as ipr:
+        return LinkTable(link_info_from_msg(m) for m in ipr.get_links())
+
+
+def parse_fdinfo_iff(text: str) -> Optional[str]:
+    """The `iff:` value of a /dev/net/tun fdinfo: a name, "" if detached, None if absent."""
+    m = _IFF_LINE.search(text)
+    if m is None:
+        return None
+    name = m.group(1)
+    if len(name) >= IFNAMSIZ:
+        raise ValueError(f"fdinfo iff name too long: {name!r}")
+    return name
+
+
+class TapMap:
+    """Finds the tap backends a VMM process holds.
+
+    `links(pid)` returns the LinkTable of the process's network namespace; the default reads
+    it over rtnetlink. Unit tests pass a table built from data.
+    """
+
+    def __init__(self, proc_root: str = "/proc",
+                 links: Optional[Callable[[int], LinkTable]] = None):
+        self.proc_root = proc_root
+        self._links = links or (lambda pid: read_links(netns_path_of(pid, self.proc_root)))
+        # counted, never silently dropped:
+        self.detached = 0      # /dev/net/tun fds with an empty iff: (not attached / queue detached)
+        self.no_iff_line = 0   # /dev/net/tun fdinfo without an iff: line (kernel too old?)
+        self.vanished_fds = 0  # fds closed between listing and reading
+        self.unresolved = 0    # backends whose name/index is not a link in the VMM's netns
+
+    def taps_of(self, pid: int) -> list[TapBackend]:
+        """Tap backends of `pid`, sorted by fd. Raises FileNotFoundError if the process is gone."""
+        fd_dir = os.path.join(self.proc_root, str(pid), "fd")
+        found: list[tuple[int, str, Optional[str], Optional[int]]] = []  # fd, device, name, index
+        for entry in os.listdir(fd_dir):
+            if not entry.isdigit():
+                continue
+            fd = int(entry)
+            try:
+                target = os.readlink(os.path.join(fd_dir, entry))
+            except FileNotFoundError:
+                self.vanished_fds += 1
+                continue
+            if target == TUN_DEVICE:
+                try:
+                    with open(os.path.join(self.proc_root, str(pid), "fdinfo", entry)) as f:
+                        name = parse_fdinfo_iff(f.read())
+                except FileNotFoundError:
+                    self.vanished_fds += 1
+                    continue
+                if name is None:
+                    self.no_iff_line += 1
+                elif name == "":
+                    self.detached += 1
+                else:
+                    found.append((fd, target, name, None))
+                continue
+            m = _CHARDEV_TAP.match(target)
+            if m:
+                found.append((fd, target, None, int(m.group(2))))
+        if not found:
+            return []
+        table = self._links(pid)
+        out = []
+        for fd, device, name, index in sorted(found):
+            link = table.by_name(name) if name is not None else table.by_index(index)
+            if link is None:
+                self.unresolved += 1
+                out.append(TapBackend(ifname=name or "", ifindex=None, kind="unresolved",
+                                      fd=fd, device=device))
+            else:
+                out.append(TapBackend(ifname=link.ifname, ifindex=link.ifindex, kind=link.kind,
+                                      fd=fd, device=device))
+        return out
+
+
+_STAT_FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_errors",
+                "tx_packets", "tx_bytes", "tx_dropped", "tx_errors")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """IFLA_STATS64 of one interface at `taken_ns` (CLOCK_MONOTONIC, like agent.events)."""
+
+    ifindex: int
+    ifname: str
+    kind: str
+    taken_ns: int
+    rx_packets: int
+    rx_bytes: int
+    rx_dropped: int
+    rx_errors: int
+    tx_packets: int
+    tx_bytes: int
+    tx_dropped: int
+    tx_errors: int
+
+
+class LinkGone(Exception):
+    """The interface no longer exists (the VM exited, the tap was deleted)."""
+
+
+class LinkStatsReader:
+    """Snapshots of link counters over rtnetlink, in one network namespace (a path) or ours."""
+
+    def __init__(self, netns: Optional[str] = None):
+        self._ipr = open_iproute(netns)
+
+    def snapshot(self, ifindex: int) -> LinkStats:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        try:
+            msgs = self._ipr.get_links(ifindex)
+        except NetlinkError as exc:
+            if exc.code == errno.ENODEV:
+                raise LinkGone(f"no interface with index {ifindex}") from exc
+            raise
+        taken_ns = time.monotonic_ns()
+        msg = msgs[0]
+        stats = msg.get_attr("IFLA_STATS64")
+        if stats is None:
+            raise RuntimeError(f"interface {ifindex} reported no IFLA_STATS64")
+        link = link_info_from_msg(msg)
+        return LinkStats(ifindex=link.ifindex, ifname=link.ifname, kind=link.kind,
+                         taken_ns=taken_ns, **{f: int(stats[f]) for f in _STAT_FIELDS})
+
+    def close(self) -> None:
+        self._ipr.close()
+
+    def __enter__(self) -> "LinkStatsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# Which side of an interface carries traffic toward the guest: a tun/tap transmits to its fd
+# reader (the VMM); a macvtap/ipvtap receives from its lower device and queues for the fd.
+_TOWARD_GUEST_IS_TX = {"tap": True, "tun": True, "macvtap": False, "ipvtap": False}
+
+
+@dataclass(frozen=True, slots=True)
+class OutageImpact:
+    """Counter differences of one backend interface over an outage (see docs/network.md)."""
+
+    ifname: str
+    ifindex: int
+    kind: str
+    seconds: float
+    tx_dropped: int
+    tx_packets: int
+    tx_bytes: int
+    tx_errors: int
+    rx_dropped: int
+    rx_packets: int
+    rx_bytes: int
+    rx_errors: int
+
+    @property
+    def toward_guest_dropped(self) -> Optional[int]:
+        """Frames the host could not queue toward the guest; None for an unknown kind."""
+        tx = _TOWARD_GUEST_IS_TX.get(self.kind)
+        if tx is None:
+            return None
+        return self.tx_dropped if tx else self.rx_dropped
+
+    @property
+    def toward_guest_packets(self) -> Optional[int]:
+        """Frames handed to the VMM (tap: read by it; macvtap: queued for it)."""
+        tx = _TOWARD_GUEST_IS_TX.get(self.kind)
+        if tx is None:
+            return None
+        return self.tx_packets if tx else self.rx_packets
+
+
+def diff(before: LinkStats, after: LinkStats) -> OutageImpact:
+    if before.ifindex != after.ifindex:
+        raise ValueError(f"snapshots of different interfaces: {before.ifindex} != {after.ifindex}")
+    if after.taken_ns < before.taken_ns:
+        raise ValueError("the 'after' snapshot was taken before the 'before' snapshot")
+    deltas = {}
+    for f in _STAT_FIELDS:
+        d = getattr(after, f) - getattr(before, f)
+        if d < 0:
+            # 64-bit link counters do not go backwards for one live interface
+            raise ValueError(f"{f} of {after.ifname} went backwards ({d})")
+        deltas[f] = d
+    return OutageImpact(ifname=after.ifname, ifindex=after.ifindex, kind=after.kind,
+                        seconds=(after.taken_ns - before.taken_ns) / 1e9, **deltas)

@@ -1,0 +1,471 @@
+"""Capture virtio status-register traffic and interrupt injections of every KVM guest on this
+host, follow each device's status state machine, and serve Prometheus metrics on /metrics
+(readiness on /healthz). Finished, stuck and abandoned DEVICE_NEEDS_RESET episodes are also
+written to stdout, one JSON line each.
+
+Every option can also be set by the environment variable shown in its help; a flag wins over
+its variable. Needs root, tracefs and BCC: `virtio-recovery-agent doctor` checks them all.
+SIGTERM or SIGINT detaches every hook and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+from agent.episode_log import EpisodeLog
+from agent.events import ProcessExit, VmStarted
+from agent.metrics import AgentCollector, EpisodeHistograms, SelfStats
+from agent.model import EpisodeEnded, EpisodeStuck, Snapshot, Violation, WatchInterrupt, WatchRegister
+
+log = logging.getLogger("agent.run")
+
+DEFAULTS = {
+    "listen": ":9477",
+    "stuck_after": "60",
+    "log_format": "json",
+    "hooks": "all",
+    "max_vms": "256",
+    "max_devices": "4096",
+    "tls_cert": "",
+    "tls_key": "",
+    "log_level": "info",
+}
+ENV = {name: "VRA_" + name.upper() for name in DEFAULTS}
+POLL_MS = 100
+TICK_EVERY_NS = 100_000_000
+STALL_S = 10.0          # /healthz fails if the loop has not come round for this long
+SEEN_PIDS_FACTOR = 4    # remembered VMM pids: max_vms * this (older ones are re-identified)
+
+
+def _env_default(name: str) -> str:
+    return os.environ.get(ENV[name], DEFAULTS[name])
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v > 0 or v != v or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return v
+
+
+def _listen(text: str) -> str:
+    from agent.server import ListenAddressError, parse_listen
+
+    try:
+        parse_listen(text)
+    except ListenAddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def check(text: str) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(choices)}")
+        return text
+    return check
+
+
+def known_hooks() -> dict[str, Any]:
+    from agent.capture.hooks import FAMILIES
+
+    return FAMILIES
+
+
+def _hooks(text: str) -> str:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("empty hook list (use `all`)")
+    if names == ["all"]:
+        return "all"
+    unknown = sorted(set(names) - set(known_hooks()))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown hook famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+            f"known: all, {', '.join(known_hooks())}")
+    return ",".join(names)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    def opt(flag: str, name: str, type_, help_: str, metavar: Optional[str] = None) -> None:
+        parser.add_argument(flag, dest=name, type=type_, default=_env_default(name),
+                            metavar=metavar,
+                            help=f"{help_} (env {ENV[name]}; default {DEFAULTS[name] or 'none'})")
+
+    opt("--listen", "listen", _listen, "metrics address, [HOST]:PORT", "ADDR")
+    opt("--stuck-after", "stuck_after", _positive_float,
+        "an open NEEDS_RESET episode this many seconds old is stuck", "SECONDS")
+    opt("--log-format", "log_format", _choice("json", "text"), "diagnostic log format on stderr",
+        "json|text")
+    opt("--log-level", "log_level", _choice("debug", "info", "warning", "error"),
+        "diagnostic log level", "LEVEL")
+    opt("--hooks", "hooks", _hooks, "comma-separated hook families to enable, or `all`", "LIST")
+    opt("--max-vms", "max_vms", _positive_int, "VMs tracked at most", "N")
+    opt("--max-devices", "max_devices", _positive_int, "devices tracked at most (all VMs)", "N")
+    opt("--tls-cert", "tls_cert", str, "serve /metrics over HTTPS with this PEM certificate",
+        "FILE")
+    opt("--tls-key", "tls_key", str, "PEM private key for --tls-cert", "FILE")
+
+
+# --- logging -------------------------------------------------------------------------------------
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        d = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+             "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            d["exc"] = self.formatException(record.exc_info)
+        return json.dumps(d, separators=(",", ":"))
+
+
+def setup_logging(fmt: str, level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+# --- prerequisites -------------------------------------------------------------------------------
+
+def privilege_problem() -> Optional[str]:
+    """One line saying why `run` cannot work here, or None."""
+    hint = "; run `virtio-recovery-agent doctor` for details"
+    if os.geteuid() != 0:
+        return "run needs root (it loads BPF programs and reads /proc of other processes)" + hint
+    from agent.capture.hooks import tracefs
+
+    if tracefs() is None:
+        return ("tracefs is not mounted (mount -t tracefs nodev /sys/kernel/tracing)" + hint)
+    try:
+        import bcc  # noqa: F401
+    except Exception as exc:  # ImportError, or libbcc failing to load
+        return f"BCC is not usable ({exc}); install python3-bpfcc" + hint
+    return None
+
+
+# --- the loop ------------------------------------------------------------------------------------
+
+@dataclass
+class LoopCounters:
+    events: collections.Counter = field(default_factory=collections.Counter)
+    correlation_errors: int = 0
+    output_errors: int = 0
+    loops: int = 0
+    last_loop_monotonic: float = field(default_factory=time.monotonic)
+
+
+class Agent:
+    """capture -> correlation -> (metrics, episode log, watch maps). Thread-safe snapshot().
+
+    `capture` needs poll(timeout_ms), watch_register(o), watch_interrupt(o), hook_status,
+    stats() and close(); `identify(pid)` returns a VmStarted for a VMM pid (or None when the
+    process is already gone).
+    """
+
+    def __init__(self, capture, correlator, identify: Callable[[int], Optional[VmStarted]],
+                 episode_log: Optional[EpisodeLog] = None, stuck_after_s: float = 60.0,
+                 max_vms: int = 256, core_hooks: Iterable[str] = ()) -> None:
+        self.capture = capture
+        self.correlator = correlator
+        self.identify = identify
+        self.episode_log = episode_log
+        self.histograms = EpisodeHistograms()
+        self.counters = LoopCounters()
+        self.core_hooks = tuple(core_hooks)
+        self.stuck_after_s = stuck_after_s
+        self._lock = threading.Lock()
+        self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._max_seen = max(1, max_vms) * SEEN_PIDS_FACTOR
+        self._last_tick_ns = 0
+        self.collector = AgentCollector(self.snapshot, self.histograms, self.self_stats,
+                                        stuck_after_s=stuck_after_s)
+
+    # called from the HTTP thread
+    def snapshot(self) -> Optional[Snapshot]:
+        with self._lock:
+            return self.correlator.snapshot(time.monotonic_ns())
+
+    def self_stats(self) -> SelfStats:
+        with self._lock:
+            events = dict(self.counters.events)
+            correlation_errors = self.counters.correlation_errors + self.counters.output_errors
+            s = self_stats_from_capture(self.capture)
+        s.events = events
+        s.lost["correlation_error"] = s.lost.get("correlation_error", 0) + correlation_errors
+        return s
+
+    def health(self) -> tuple[bool, str]:
+        status = getattr(self.capture, "hook_status", None) or {}
+        missing = [h for h in self.core_hooks if not getattr(status.get(h), "attached", False)]
+        if missing:
+            reasons = "; ".join(f"{h}: {getattr(status.get(h), 'reason', '') or 'not attached'}"
+                                for h in missing)
+            return False, f"core hooks not attached: {reasons}"
+        stalled = time.monotonic() - self.counters.last_loop_monotonic
+        if stalled > STALL_S:
+            return False, f"event loop stalled for {stalled:.0f}s"
+        return True, "ok"
+
+    # the loop thread
+    def step(self, timeout_ms: int = POLL_MS) -> int:
+        events = self.capture.poll(timeout_ms)
+        with self._lock:
+            for ev in events:
+                self._handle(ev)
+            now = time.monotonic_ns()
+            if now - self._last_tick_ns >= TICK_EVERY_NS:
+                self._last_tick_ns = now
+                try:
+                    outputs = self.correlator.tick(now)
+                except Exception:
+                    self.counters.correlation_errors += 1
+                    log.exception("correlation tick failed")
+                    outputs = []
+                self._apply(outputs)
+            self.counters.loops += 1
+            self.counters.last_loop_monotonic = time.monotonic()
+        return len(events)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.step()
+
+    def _feed(self, ev) -> None:
+        try:
+            outputs = self.correlator.feed(ev)
+        except Exception:
+            self.counters.correlation_errors += 1
+            log.exception("correlation failed for event %s of pid %s", ev.kind, ev.pid)
+            return
+        self.counters.events[ev.kind] += 1
+        self._apply(outputs)
+
+    def _handle(self, ev) -> None:
+        pid = ev.pid
+        if not isinstance(ev, VmStarted):
+            if pid in self._seen:
+                self._seen.move_to_end(pid)
+            else:
+                vm = None
+                try:
+                    vm = self.identify(pid)
+                except Exception:
+                    log.exception("identifying VMM pid %s failed", pid)
+                self._remember(pid)
+                if vm is not None:
+                    self._feed(vm)
+        else:
+            self._remember(pid)
+        self._feed(ev)
+        if isinstance(ev, ProcessExit):
+            self._seen.pop(pid, None)
+
+    def _remember(self, pid: int) -> None:
+        self._seen[pid] = None
+        self._seen.move_to_end(pid)
+        while len(self._seen) > self._max_seen:
+            self._seen.popitem(last=False)
+
+    def _apply(self, outputs) -> None:
+        for out in outputs:
+            try:
+                if isinstance(out, WatchRegister):
+                    self.capture.watch_register(out)
+                elif isinstance(out, WatchInterrupt):
+                    self.capture.watch_interrupt(out)
+                elif isinstance(out, (EpisodeEnded, EpisodeStuck)):
+                    self.histograms.observe(out)
+                    if self.episode_log is not None:
+                        self.episode_log.write(out)
+                elif isinstance(out, Violation):
+                    log.warning("spec violation %s by VM %s device %s: %s", out.rule,
+                                out.vm.name, out.device, out.detail)
+            except Exception:
+                self.counters.output_errors += 1
+                log.exception("applying correlation output %r failed", out)
+
+
+def self_stats_from_capture(capture) -> SelfStats:
+    """agent.capture's CaptureStats (and hook_status) -> the collector's SelfStats."""
+    status = getattr(capture, "hook_status", None) or {}
+    s = SelfStats(hooks={name: bool(st.attached) for name, st in status.items()})
+    try:
+        cs = capture.stats()
+    except Exception:
+        log.exception("reading capture stats failed")
+        return s
+    s.filtered = dict(cs.filtered)
+    s.lost = dict(cs.lost)
+    s.map_entries = {name: fill.entries for name, fill in cs.maps.items()}
+    s.map_capacity = {name: fill.capacity for name, fill in cs.maps.items()}
+    if cs.bpf_stats_enabled:
+        s.prog_run_time_ns = {name: p.run_time_ns for name, p in cs.programs.items()}
+        s.prog_run_count = {name: p.run_cnt for name, p in cs.programs.items()}
+    return s
+
+
+# --- main ----------------------------------------------------------------------------------------
+
+def enabled_hooks(spec: str) -> Optional[set[str]]:
+    return None if spec == "all" else set(spec.split(","))
+
+
+def core_hooks(enabled: Optional[set[str]]) -> list[str]:
+    return [name for name, fam in known_hooks().items()
+            if fam.core and (enabled is None or name in enabled)]
+
+
+def build_agent(args: argparse.Namespace, episode_stream=None) -> Agent:
+    """Capture (attached), correlator and the Agent loop for these args (needs root + BPF)."""
+    from agent.capture import Capture
+    from agent.correlate import Correlator, CorrelatorConfig
+    from agent.vmident import identify_vm
+
+    hooks = enabled_hooks(args.hooks)
+    correlator = Correlator(CorrelatorConfig(stuck_after_ns=int(args.stuck_after * 1e9),
+                                             max_vms=args.max_vms,
+                                             max_devices=args.max_devices))
+    capture = Capture(hooks=hooks)
+    try:
+        status = capture.start()
+    except Exception:
+        capture.close()
+        raise
+    for name, st in sorted(status.items()):
+        if st.attached:
+            log.info("hook %s attached", name)
+        else:
+            log.warning("hook %s not attached: %s", name, st.reason)
+    return Agent(capture, correlator, identify_vm,
+                 episode_log=EpisodeLog(episode_stream or sys.stdout),
+                 stuck_after_s=args.stuck_after, max_vms=args.max_vms,
+                 core_hooks=core_hooks(hooks))
+
+
+class _DeferredHealth:
+    """/healthz before the agent exists (BPF compiling): not ready."""
+
+    def __init__(self) -> None:
+        self.agent: Optional[Agent] = None
+
+    def __call__(self) -> tuple[bool, str]:
+        if self.agent is None:
+            return False, "starting: compiling and attaching BPF programs"
+        return self.agent.health()
+
+
+class _DeferredCollector:
+    def __init__(self) -> None:
+        self.agent: Optional[Agent] = None
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        return self.agent.collector.collect() if self.agent is not None else []
+
+
+def main(args: argparse.Namespace) -> int:
+    from prometheus_client import CollectorRegistry
+
+    from agent.server import MetricsServer
+
+    setup_logging(args.log_format, args.log_level)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("run: --tls-cert and --tls-key go together (one is missing)", file=sys.stderr)
+        return 2
+    for path in (args.tls_cert, args.tls_key):
+        if path and not os.access(path, os.R_OK):
+            print(f"run: cannot read TLS file {path}", file=sys.stderr)
+            return 2
+    problem = privilege_problem()
+    if problem:
+        print(f"run: {problem}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    health, deferred = _DeferredHealth(), _DeferredCollector()
+    registry = CollectorRegistry()
+    registry.register(deferred)
+    try:
+        server = MetricsServer(registry, args.listen, health_fn=health,
+                               tls_cert=args.tls_cert or None, tls_key=args.tls_key or None)
+    except (OSError, ValueError) as exc:
+        print(f"run: cannot serve metrics on {args.listen}: {exc}", file=sys.stderr)
+        return 1
+    server.start()
+    log.info("serving metrics on %s/metrics", server.url)
+    agent: Optional[Agent] = None
+    try:
+        try:
+            agent = build_agent(args)
+        except Exception as exc:
+            log.debug("capture start failed", exc_info=True)
+            print(f"run: cannot start capture: {exc}; run `virtio-recovery-agent doctor`",
+                  file=sys.stderr)
+            return 1
+        health.agent = deferred.agent = agent
+        ok, message = agent.health()
+        (log.info if ok else log.error)("ready: %s" % message if ok else "not ready: %s" % message)
+        while not stop.is_set():
+            try:
+                agent.step()
+            except Exception:
+                # poll itself failing (not one event): count, back off, keep serving
+                agent.counters.correlation_errors += 1
+                log.exception("event loop iteration failed")
+                stop.wait(1.0)
+        return 0
+    finally:
+        if agent is not None:
+            try:
+                agent.capture.close()
+            except Exception:
+                log.exception("detaching hooks failed")
+        server.close()
+        log.info("stopped")
+
+
+def _standalone() -> int:
+    parser = argparse.ArgumentParser(prog="virtio-recovery-agent run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return main(parser.parse_args())
+
+
+if __name__ == "__main__":
+    sys.exit(_standalone())

@@ -1,0 +1,617 @@
+// virtio-recovery-agent capture programs (BCC dialect).
+//
+// One source, several hook families. agent/capture compiles it with -DFAM_<NAME> for each
+// family it wants and -DRAW_TP=1 when raw tracepoints are usable (cheaper: no trace record is
+// built). Families are independent: every map is defined unconditionally, each program only
+// under its family's macro.
+//
+// A guest controls the exit rate, so filtering happens here: register accesses are forwarded
+// only when (value, op) changes per register (identical ones are counted and folded into the
+// next event's `repeats`), unwatched addresses only as rate-limited discovery candidates,
+// interrupts only for vectors/GSIs userspace marked interesting. Everything else is counted.
+
+#include <uapi/linux/ptrace.h>
+
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 64
+#endif
+#ifndef WATCH_ENTRIES
+#define WATCH_ENTRIES 4096
+#endif
+#ifndef CAND_ENTRIES
+#define CAND_ENTRIES 4096
+#endif
+#ifndef VM_ENTRIES
+#define VM_ENTRIES 1024
+#endif
+#ifndef IRQ_ENTRIES
+#define IRQ_ENTRIES 4096
+#endif
+#ifndef INFLIGHT_ENTRIES
+#define INFLIGHT_ENTRIES 1024
+#endif
+
+// keep in sync with agent/capture/decode.py
+#define EV_ACCESS 1
+#define EV_FAST_MMIO 2
+#define EV_MSI 3
+#define EV_IRQ 4
+#define EV_APIC 5
+#define EV_VHOST_STATUS 6
+#define EV_EXIT 7
+
+#define SPACE_MMIO 0
+#define SPACE_PIO 1
+#define OP_READ 0
+#define OP_WRITE 1
+
+#define REG_STATUS 1      // agent.events.Register.STATUS
+
+#define IRQ_KIND_VECTOR 0
+#define IRQ_KIND_GSI 1
+
+// counters (per-CPU array); keep in sync with agent/capture/decode.py COUNTERS
+#define C_FORWARDED 0
+#define C_REPEAT 1
+#define C_UNWATCHED 2
+#define C_UNINTERESTING_IRQ 3
+#define C_RATE_LIMITED 4
+#define C_RINGBUF_FULL 5
+#define C_UNSATISFIED_READ 6
+#define C_CANDIDATE_MAP_FULL 7
+#define C_VHOST_IOCTL 8
+#define C_KVM_SIGNAL_MSI 9
+#define C_KVM_IRQFD 10
+#define C_KVM_IOEVENTFD 11
+#define C_KVM_SET_GSI_ROUTING 12
+#define C_USER_READ_ERROR 13
+#define C_INFLIGHT_FULL 14
+#define C_KERNEL_READ_ERROR 15
+#define C_NCOUNTERS 16
+
+// config array slots; written by userspace before attaching
+#define CFG_DISCOVERY_RATE 0   // candidate events per second per VM (0 = discovery off)
+#define CFG_DISCOVERY_BURST 1  // bucket size
+#define CFG_N 2
+
+struct event {
+    u64 ts;
+    u64 addr;       // gpa / port / MSI address / GSI / apicid / fd
+    u64 value;      // access value / MSI data / level / vector / status byte
+    u32 tgid;
+    u32 tid;
+    u32 repeats;
+    u32 size;       // access size; delivery mode for APIC
+    u8 type;
+    u8 op;
+    u8 space;
+    u8 reg;
+    u32 pad;
+};
+
+struct reg_key {
+    u32 tgid;
+    u32 space;
+    u64 addr;
+};
+
+// last forwarded (value, op) of a register and how many identical accesses were folded since
+struct reg_state {
+    u64 last;
+    u32 repeats;
+    u8 op;
+    u8 valid;
+    u8 pad[2];
+};
+
+struct watch_val {
+    struct reg_state st;
+    u32 reg;        // agent.events.Register
+    u32 pad;
+};
+
+struct bucket {
+    u64 stamp_ns;
+    u64 tokens;
+};
+
+struct irq_key {
+    u32 tgid;
+    u32 kind;
+    u32 num;
+    u32 pad;
+};
+
+struct inflight {
+    u64 arg;
+    u64 fd;
+};
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+BPF_HASH(watch, struct reg_key, struct watch_val, WATCH_ENTRIES);
+BPF_TABLE("lru_hash", struct reg_key, struct reg_state, candidates, CAND_ENTRIES);
+BPF_TABLE("lru_hash", u32, struct bucket, buckets, VM_ENTRIES);
+BPF_TABLE("lru_hash", u32, u8, tracked, VM_ENTRIES);
+BPF_HASH(irq_watch, struct irq_key, u8, IRQ_ENTRIES);
+BPF_HASH(inflight_ioctl, u64, struct inflight, INFLIGHT_ENTRIES);
+BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
+BPF_ARRAY(config, u64, CFG_N);
+
+static __always_inline void count(int idx)
+{
+    u64 *c = counters.lookup(&idx);
+    if (c)
+        (*c)++;
+}
+
+static __always_inline u64 cfg(int idx)
+{
+    u64 *v = config.lookup(&idx);
+    return v ? *v : 0;
+}
+
+static __always_inline struct event *reserve(u8 type)
+{
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(C_RINGBUF_FULL);
+        return 0;
+    }
+    u64 pt = bpf_get_current_pid_tgid();
+    e->ts = bpf_ktime_get_ns();
+    e->tgid = pt >> 32;
+    e->tid = (u32)pt;
+    e->type = type;
+    e->addr = 0;
+    e->value = 0;
+    e->repeats = 0;
+    e->size = 0;
+    e->op = 0;
+    e->space = 0;
+    e->reg = 0;
+    e->pad = 0;
+    return e;
+}
+
+static __always_inline void submit(struct event *e)
+{
+    u32 tgid = e->tgid;
+    u8 one = 1;
+    events.ringbuf_submit(e, 0);
+    count(C_FORWARDED);
+    if (!tracked.lookup(&tgid))
+        tracked.update(&tgid, &one);
+}
+
+// token bucket per VM (tokens scaled by 1e9 to stay in integers)
+static __always_inline int take_token(u32 tgid)
+{
+    u64 rate = cfg(CFG_DISCOVERY_RATE);
+    if (rate == 0)
+        return 0;
+    u64 cap = cfg(CFG_DISCOVERY_BURST) * 1000000000ULL;
+    u64 now = bpf_ktime_get_ns();
+    struct bucket *b = buckets.lookup(&tgid);
+    if (!b) {
+        struct bucket nb = {.stamp_ns = now, .tokens = cap - 1000000000ULL};
+        buckets.update(&tgid, &nb);
+        return 1;
+    }
+    u64 tokens = b->tokens + (now - b->stamp_ns) * rate;
+    if (tokens > cap)
+        tokens = cap;
+    b->stamp_ns = now;
+    if (tokens < 1000000000ULL) {
+        b->tokens = tokens;
+        return 0;
+    }
+    b->tokens = tokens - 1000000000ULL;
+    return 1;
+}
+
+// does an unwatched access look like a virtio status register access?
+static __always_inline int is_candidate(u32 space, u32 size, u64 value)
+{
+    if (value > 0xff || (value & 0x30))
+        return 0;
+    if (size == 1)
+        return 1;   // modern common cfg device_status, legacy I/O status
+    if (size == 4 && space == SPACE_MMIO)
+        return 1;   // virtio-mmio Status is a 32-bit register
+    return 0;
+}
+
+static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, u64 value)
+{
+    struct reg_key k = {};
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.space = space;
+    k.addr = addr;
+
+    struct reg_state *st;
+    u32 reg = 0;
+    int candidate = 0;
+    struct watch_val *w = watch.lookup(&k);
+    if (w) {
+        reg = w->reg;
+        st = &w->st;
+    } else {
+        if (!is_candidate(space, size, value)) {
+            count(C_UNWATCHED);
+            return;
+        }
+        candidate = 1;
+        st = candidates.lookup(&k);
+        if (!st) {
+            struct reg_state z = {};
+            candidates.update(&k, &z);
+            st = candidates.lookup(&k);
+            if (!st) {
+                count(C_CANDIDATE_MAP_FULL);
+                return;
+            }
+        }
+    }
+
+    // non-status registers: writes always forwarded (kicks, vector programming), reads on change
+    int always = !candidate && reg != REG_STATUS && op == OP_WRITE;
+    if (!always && st->valid && st->last == value && st->op == op) {
+        __sync_fetch_and_add(&st->repeats, 1);
+        count(C_REPEAT);
+        return;
+    }
+    if (candidate && !take_token(k.tgid)) {
+        count(C_RATE_LIMITED);
+        return;
+    }
+    struct event *e = reserve(EV_ACCESS);
+    if (!e)
+        return;     // state untouched: the next identical access retries
+    e->space = space;
+    e->op = op;
+    e->addr = addr;
+    e->size = size;
+    e->value = value;
+    e->reg = reg;
+    e->repeats = st->repeats;
+    st->repeats = 0;
+    st->last = value;
+    st->op = op;
+    st->valid = 1;
+    submit(e);
+}
+
+static __always_inline int irq_interesting(u32 kind, u32 num)
+{
+    struct irq_key k = {};
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.kind = kind;
+    k.num = num;
+    if (irq_watch.lookup(&k))
+        return 1;
+    count(C_UNINTERESTING_IRQ);
+    return 0;
+}
+
+static __always_inline void handle_mmio(u32 type, u32 len, u64 gpa, u64 val)
+{
+    if (type == 0) {    // "unsatisfied-read": the completed read follows with the value
+        count(C_UNSATISFIED_READ);
+        return;
+    }
+    handle_access(SPACE_MMIO, type == 2 ? OP_WRITE : OP_READ, gpa, len, val);
+}
+
+static __always_inline void handle_fast_mmio(u64 gpa)
+{
+    struct reg_key k = {};
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.space = SPACE_MMIO;
+    k.addr = gpa;
+    if (!watch.lookup(&k)) {
+        count(C_UNWATCHED);
+        return;
+    }
+    struct event *e = reserve(EV_FAST_MMIO);
+    if (!e)
+        return;
+    e->addr = gpa;
+    e->space = SPACE_MMIO;
+    e->op = OP_WRITE;
+    submit(e);
+}
+
+static __always_inline void handle_msi(u64 address, u64 data)
+{
+    if (!irq_interesting(IRQ_KIND_VECTOR, data & 0xff))
+        return;
+    struct event *e = reserve(EV_MSI);
+    if (!e)
+        return;
+    e->addr = address;
+    e->value = data;
+    submit(e);
+}
+
+static __always_inline void handle_set_irq(u32 gsi, int level)
+{
+    if (!irq_interesting(IRQ_KIND_GSI, gsi))
+        return;
+    struct event *e = reserve(EV_IRQ);
+    if (!e)
+        return;
+    e->addr = gsi;
+    e->value = (u64)(s64)level;
+    submit(e);
+}
+
+static __always_inline void handle_apic(u32 apicid, u32 dm, u32 vec)
+{
+    if (!irq_interesting(IRQ_KIND_VECTOR, vec))
+        return;
+    struct event *e = reserve(EV_APIC);
+    if (!e)
+        return;
+    e->addr = apicid;
+    e->value = vec;
+    e->size = dm;
+    submit(e);
+}
+
+static __always_inline void handle_exit(int group_dead)
+{
+    if (!group_dead)
+        return;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!tracked.lookup(&tgid))
+        return;
+    tracked.delete(&tgid);
+    buckets.delete(&tgid);
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        count(C_RINGBUF_FULL);
+        return;
+    }
+    __builtin_memset(e, 0, sizeof(*e));
+    e->ts = bpf_ktime_get_ns();
+    e->tgid = tgid;
+    e->tid = (u32)bpf_get_current_pid_tgid();
+    e->type = EV_EXIT;
+    events.ringbuf_submit(e, 0);
+    count(C_FORWARDED);
+}
+
+// read a 1/2/4/8-byte little-endian value the tracepoint passes by pointer
+static __always_inline u64 read_sized(const void *p, u32 len)
+{
+    u64 v = 0;
+    int rc = 0;
+    if (!p)
+        return 0;
+    if (len == 1) {
+        u8 b = 0;
+        rc = bpf_probe_read_kernel(&b, sizeof(b), p);
+        v = b;
+    } else if (len == 2) {
+        u16 h = 0;
+        rc = bpf_probe_read_kernel(&h, sizeof(h), p);
+        v = h;
+    } else if (len == 4) {
+        u32 w = 0;
+        rc = bpf_probe_read_kernel(&w, sizeof(w), p);
+        v = w;
+    } else {
+        rc = bpf_probe_read_kernel(&v, sizeof(v), p);
+    }
+    if (rc != 0)
+        count(C_KERNEL_READ_ERROR);
+    return v;
+}
+
+#ifdef FAM_MMIO
+#if RAW_TP
+int rtp_kvm_mmio(struct bpf_raw_tracepoint_args *ctx)
+{
+    // TP_PROTO(int type, int len, u64 gpa, const void *val)
+    u32 type = ctx->args[0];
+    u32 len = ctx->args[1];
+    u64 val = 0;
+    if (type != 0)
+        val = read_sized((const void *)ctx->args[3], len);
+    handle_mmio(type, len, ctx->args[2], val);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_mmio)
+{
+    handle_mmio(args->type, args->len, args->gpa, args->val);
+    return 0;
+}
+#endif
+#endif
+
+#ifdef FAM_PIO
+#if RAW_TP
+int rtp_kvm_pio(struct bpf_raw_tracepoint_args *ctx)
+{
+    // TP_PROTO(unsigned int rw, unsigned int port, unsigned int size, unsigned int count,
+    //          const void *data); the value of the first element, like the tracepoint's `val`
+    u32 size = ctx->args[2];
+    u64 val = read_sized((const void *)ctx->args[4], size > 4 ? 4 : size);
+    handle_access(SPACE_PIO, ctx->args[0] ? OP_WRITE : OP_READ, (u32)ctx->args[1], size, val);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_pio)
+{
+    handle_access(SPACE_PIO, args->rw ? OP_WRITE : OP_READ, args->port, args->size, args->val);
+    return 0;
+}
+#endif
+#endif
+
+#ifdef FAM_FAST_MMIO
+#if RAW_TP
+int rtp_kvm_fast_mmio(struct bpf_raw_tracepoint_args *ctx)
+{
+    handle_fast_mmio(ctx->args[0]);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_fast_mmio)
+{
+    handle_fast_mmio(args->gpa);
+    return 0;
+}
+#endif
+#endif
+
+#ifdef FAM_MSI
+#if RAW_TP
+int rtp_kvm_msi_set_irq(struct bpf_raw_tracepoint_args *ctx)
+{
+    handle_msi(ctx->args[0], ctx->args[1]);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_msi_set_irq)
+{
+    handle_msi(args->address, args->data);
+    return 0;
+}
+#endif
+#endif
+
+#ifdef FAM_GSI
+#if RAW_TP
+int rtp_kvm_set_irq(struct bpf_raw_tracepoint_args *ctx)
+{
+    handle_set_irq(ctx->args[0], (int)ctx->args[1]);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_set_irq)
+{
+    handle_set_irq(args->gsi, args->level);
+    return 0;
+}
+#endif
+#endif
+
+#ifdef FAM_APIC
+#if RAW_TP
+int rtp_kvm_apic_accept_irq(struct bpf_raw_tracepoint_args *ctx)
+{
+    // TP_PROTO(__u32 apicid, __u16 dm, __u16 tm, __u8 vec)
+    handle_apic(ctx->args[0], (u16)ctx->args[1], (u8)ctx->args[3]);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kvm, kvm_apic_accept_irq)
+{
+    handle_apic(args->apicid, args->dm, args->vec);
+    return 0;
+}
+#endif
+#endif
+
+#ifdef FAM_EXIT
+#if RAW_TP
+int rtp_sched_process_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    // TP_PROTO(struct task_struct *p, bool group_dead); p is current
+    handle_exit((u8)ctx->args[1]);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    handle_exit(args->group_dead);
+    return 0;
+}
+#endif
+#endif
+
+#ifdef FAM_IOCTL
+// ioctl numbers: type in bits 8..15, number in bits 0..7 (size and direction ignored)
+#define IOC_TYPE(c) (((c) >> 8) & 0xff)
+#define IOC_NR(c) ((c) & 0xff)
+#define VHOST_VIRTIO 0xAF
+#define KVMIO 0xAE
+#define VHOST_VDPA_GET_STATUS_NR 0x71
+#define VHOST_VDPA_SET_STATUS_NR 0x72
+
+static __always_inline void emit_vhost_status(u8 op, u64 fd, u64 uptr)
+{
+    u8 status = 0;
+    if (bpf_probe_read_user(&status, 1, (const void *)uptr) != 0) {
+        count(C_USER_READ_ERROR);
+        return;
+    }
+    struct event *e = reserve(EV_VHOST_STATUS);
+    if (!e)
+        return;
+    e->op = op;
+    e->addr = fd;
+    e->value = status;
+    e->size = 1;
+    submit(e);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
+{
+    u32 cmd = args->cmd;
+    u32 type = IOC_TYPE(cmd);
+    if (type == KVMIO) {
+        switch (IOC_NR(cmd)) {
+        case 0xa5: count(C_KVM_SIGNAL_MSI); break;
+        case 0x76: count(C_KVM_IRQFD); break;
+        case 0x79: count(C_KVM_IOEVENTFD); break;
+        case 0x6a: count(C_KVM_SET_GSI_ROUTING); break;
+        }
+        return 0;
+    }
+    if (type != VHOST_VIRTIO)
+        return 0;
+    count(C_VHOST_IOCTL);
+    if (IOC_NR(cmd) == VHOST_VDPA_SET_STATUS_NR) {
+        emit_vhost_status(OP_WRITE, args->fd, args->arg);
+    } else if (IOC_NR(cmd) == VHOST_VDPA_GET_STATUS_NR) {
+        u64 pt = bpf_get_current_pid_tgid();
+        struct inflight in = {.arg = args->arg, .fd = args->fd};
+        if (inflight_ioctl.update(&pt, &in) != 0)
+            count(C_INFLIGHT_FULL);
+    }
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
+{
+    u64 pt = bpf_get_current_pid_tgid();
+    struct inflight *in = inflight_ioctl.lookup(&pt);
+    if (!in)
+        return 0;
+    u64 arg = in->arg, fd = in->fd;
+    inflight_ioctl.delete(&pt);
+    if (args->ret == 0)
+        emit_vhost_status(OP_READ, fd, arg);
+    return 0;
+}
+#endif
+
+#ifdef FAM_VHOST_KPROBE
+// vdpa_set_status(struct vdpa_device *vdev, u8 status): in-kernel status writes (vhost-vdpa
+// and virtio-vdpa). Only compiled where the symbol exists and kprobes work.
+int kp_vdpa_set_status(struct pt_regs *ctx)
+{
+    struct event *e = reserve(EV_VHOST_STATUS);
+    if (!e)
+        return 0;
+    e->op = OP_WRITE;
+    e->addr = (u64)-1;
+    e->value = (u8)PT_REGS_PARM2(ctx);
+    e->size = 1;
+    submit(e);
+    return 0;
+}
+#endif

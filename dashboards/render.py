@@ -1,0 +1,407 @@
+"""Render the Grafana dashboards (JSON) and the ConfigMap that Grafana's dashboard sidecar loads.
+
+    python dashboards/render.py          # rewrite dashboards/*.json and the ConfigMap
+    python dashboards/render.py --check  # exit 1 if any of them is out of date (tests/deploy checks it)
+
+Every query uses only metrics of docs/metrics.md (tests/deploy checks that too) plus `up` and
+`scrape_duration_seconds`, which Prometheus itself records for each scrape.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+CONFIGMAP = HERE / "grafana-dashboards-configmap.yaml"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+SEL = 'instance=~"$instance"'
+DEV_SEL = 'instance=~"$instance", namespace=~"$namespace", vm=~"$vm", device=~"$device"'
+VM_SEL = 'instance=~"$instance", namespace=~"$namespace", vm=~"$vm"'
+WIDTH = 24
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings (the dashboard JSON) as literal blocks: readable and diffable."""
+
+
+_BlockDumper.add_representer(
+    str, lambda d, v: d.represent_scalar("tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+
+
+@dataclass
+class Query:
+    expr: str
+    legend: str = ""
+    instant: bool = False
+    fmt: str = "time_series"  # or "table", "heatmap"
+
+
+@dataclass
+class Panel:
+    title: str
+    kind: str  # stat, timeseries, heatmap, table, state-timeline
+    queries: list[Query]
+    width: int = 12
+    height: int = 8
+    unit: str = ""
+    description: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+
+def _targets(queries: list[Query]) -> list[dict[str, Any]]:
+    out = []
+    for i, q in enumerate(queries):
+        out.append({
+            "datasource": DS,
+            "refId": chr(ord("A") + i),
+            "expr": q.expr,
+            "legendFormat": q.legend or "__auto",
+            "instant": q.instant,
+            "range": not q.instant,
+            "format": q.fmt,
+        })
+    return out
+
+
+def _layout(panels: list[Panel]) -> list[dict[str, Any]]:
+    out, x, y, row_h = [], 0, 0, 0
+    for pid, p in enumerate(panels, start=1):
+        if x + p.width > WIDTH:
+            x, y, row_h = 0, y + row_h, 0
+        field_defaults: dict[str, Any] = {"unit": p.unit} if p.unit else {}
+        field_defaults.update(p.defaults)
+        panel = {
+            "id": pid,
+            "type": p.kind,
+            "title": p.title,
+            "description": p.description,
+            "datasource": DS,
+            "gridPos": {"x": x, "y": y, "w": p.width, "h": p.height},
+            "targets": _targets(p.queries),
+            "fieldConfig": {"defaults": field_defaults, "overrides": []},
+            "options": {},
+        }
+        panel.update(p.extra)
+        out.append(panel)
+        x += p.width
+        row_h = max(row_h, p.height)
+    return out
+
+
+def _query_var(name: str, label: str, query: str, multi: bool = True) -> dict[str, Any]:
+    return {
+        "name": name,
+        "label": label,
+        "type": "query",
+        "datasource": DS,
+        "query": {"query": query, "refId": f"var-{name}"},
+        "definition": query,
+        "refresh": 2,
+        "multi": multi,
+        "includeAll": True,
+        "allValue": ".*",
+        "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+        "sort": 1,
+    }
+
+
+def _dashboard(uid: str, title: str, description: str, variables: list[dict[str, Any]],
+               panels: list[Panel], time_from: str = "now-6h") -> dict[str, Any]:
+    datasource_var = {
+        "name": "datasource",
+        "label": "Prometheus",
+        "type": "datasource",
+        "query": "prometheus",
+        "current": {},
+        "hide": 0,
+    }
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["virtio", "kvm", "virtio-recovery-agent"],
+        "editable": True,
+        "graphTooltip": 1,
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": time_from, "to": "now"},
+        "refresh": "30s",
+        "timezone": "",
+        "templating": {"list": [datasource_var, *variables]},
+        "annotations": {"list": []},
+        "links": [{"title": "virtio dashboards", "type": "dashboards", "tags": ["virtio-recovery-agent"],
+                   "asDropdown": True, "includeVars": True, "keepTime": True}],
+        "panels": _layout(panels),
+    }
+
+
+def _instance_var() -> dict[str, Any]:
+    return _query_var("instance", "agent", "label_values(virtio_agent_build_info, instance)")
+
+
+def _stat(title: str, expr: str, unit: str = "short", description: str = "", width: int = 4,
+          thresholds: list[tuple[float | None, str]] | None = None) -> Panel:
+    steps = [{"value": v, "color": c} for v, c in (thresholds or [(None, "green")])]
+    return Panel(title, "stat", [Query(expr, instant=True)], width=width, height=4, unit=unit,
+                 description=description,
+                 defaults={"thresholds": {"mode": "absolute", "steps": steps}},
+                 extra={"options": {"reduceOptions": {"calcs": ["lastNotNull"]}, "colorMode": "background"}})
+
+
+def fleet_overview() -> dict[str, Any]:
+    rng = "$__range"
+    ri = "$__rate_interval"
+    bad = [(None, "green"), (1, "red")]
+    panels = [
+        _stat("Devices stuck in NEEDS_RESET", f"sum(virtio_devices_stuck{{{SEL}}})", thresholds=bad,
+              description="Devices whose open NEEDS_RESET episode is older than the agent's --stuck-after."),
+        _stat("Episodes started", f"sum(increase(virtio_device_needs_reset_total{{{SEL}}}[{rng}]))",
+              description="NEEDS_RESET episodes started in the selected time range."),
+        _stat("Recovered", f'sum(increase(virtio_episodes_ended_total{{{SEL}, outcome="recovered"}}[{rng}]))'),
+        _stat("Abandoned (VM exited)",
+              f'sum(increase(virtio_episodes_ended_total{{{SEL}, outcome="abandoned"}}[{rng}]))'),
+        _stat("Spec violations", f"sum(increase(virtio_spec_violations_total{{{SEL}}}[{rng}]))",
+              thresholds=[(None, "green"), (1, "orange")]),
+        _stat("VMs / devices tracked", f"sum(virtio_agent_vms{{{SEL}}})", width=2),
+        _stat("Devices", f"sum(virtio_agent_devices{{{SEL}}})", width=2),
+        Panel("Recovery time p50 / p99 (NEEDS_RESET to DRIVER_OK)", "timeseries", [
+            Query("histogram_quantile(0.5, sum by (le) "
+                  f"(rate(virtio_recovery_duration_seconds_bucket{{{SEL}}}[{ri}])))", "p50"),
+            Query("histogram_quantile(0.99, sum by (le) "
+                  f"(rate(virtio_recovery_duration_seconds_bucket{{{SEL}}}[{ri}])))", "p99"),
+        ], unit="s"),
+        Panel("Recovery time distribution", "heatmap", [
+            Query(f"sum by (le) (increase(virtio_recovery_duration_seconds_bucket{{{SEL}}}[{ri}]))",
+                  "{{le}}", fmt="heatmap"),
+        ], unit="s", extra={"options": {"calculate": False, "yAxis": {"unit": "s"},
+                                        "cellGap": 1, "color": {"scheme": "Oranges", "mode": "scheme"}}}),
+        Panel("Recovery time p99 by device type and transport", "timeseries", [
+            Query("histogram_quantile(0.99, sum by (type, transport, le) "
+                  f"(rate(virtio_recovery_duration_seconds_bucket{{{SEL}}}[{ri}])))", "{{type}} {{transport}}"),
+        ], unit="s"),
+        Panel("Phase p99: notify, react, reset, reinit", "timeseries", [
+            Query("histogram_quantile(0.99, sum by (phase, le) "
+                  f"(rate(virtio_recovery_phase_duration_seconds_bucket{{{SEL}}}[{ri}])))", "{{phase}}"),
+        ], unit="s", description="notify: start to guest first saw 0x40; react: saw to reset written; "
+                                 "reset: reset written to read back 0; reinit: reset done to DRIVER_OK."),
+        Panel("Devices stuck in NEEDS_RESET", "table", [
+            Query("max by (instance, namespace, vm, device, type, transport) ("
+                  f"virtio_device_unrecovered_seconds{{{SEL}}} "
+                  "* on (instance, namespace, vm, device) group_left (type, transport) virtio_device_info"
+                  f") and on (instance, namespace, vm, device) (virtio_device_stuck{{{SEL}}} == 1)",
+                  instant=True, fmt="table"),
+        ], width=12, unit="s", description="Open episodes older than --stuck-after; Value = seconds unrecovered.",
+            extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
+        Panel("Open NEEDS_RESET episodes", "table", [
+            Query(f"max by (instance, namespace, vm, device) (virtio_device_unrecovered_seconds{{{SEL}}})",
+                  instant=True, fmt="table"),
+        ], width=12, unit="s",
+            extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
+        Panel("Episodes started per VM", "timeseries", [
+            Query(f"sum by (namespace, vm) (increase(virtio_device_needs_reset_total{{{SEL}}}[{ri}]))",
+                  "{{namespace}}/{{vm}}"),
+        ]),
+        Panel("Episodes ended by outcome", "timeseries", [
+            Query(f"sum by (outcome) (increase(virtio_episodes_ended_total{{{SEL}}}[{ri}]))", "{{outcome}}"),
+        ]),
+        Panel("Spec violations by rule", "timeseries", [
+            Query(f"sum by (rule) (increase(virtio_spec_violations_total{{{SEL}}}[{ri}]))", "{{rule}}"),
+        ]),
+        Panel("VMs with most spec violations", "table", [
+            Query(f"topk(20, sum by (namespace, vm, rule) (increase(virtio_spec_violations_total{{{SEL}}}[{rng}])) > 0)",
+                  instant=True, fmt="table"),
+        ], extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
+        Panel("Resets, config interrupts, FAILED writes (fleet)", "timeseries", [
+            Query(f"sum(rate(virtio_device_resets_total{{{SEL}}}[{ri}]))", "resets/s"),
+            Query(f"sum(rate(virtio_config_interrupts_total{{{SEL}}}[{ri}]))", "config interrupts/s"),
+            Query(f"sum(rate(virtio_driver_failed_total{{{SEL}}}[{ri}]))", "FAILED written/s"),
+        ], width=24, unit="ops"),
+    ]
+    return _dashboard("virtio-fleet-overview", "virtio recovery / fleet overview",
+                      "DEVICE_NEEDS_RESET episodes and guest recovery times across all KVM hosts.",
+                      [_instance_var()], panels)
+
+
+# virtio status byte -> what the driver has got to (virtio 1.x, 2.1)
+_STATUS_MAPPINGS = [
+    {"type": "value", "options": {
+        "0": {"text": "reset (0)", "color": "blue", "index": 0},
+        "1": {"text": "ACKNOWLEDGE (1)", "color": "light-yellow", "index": 1},
+        "3": {"text": "DRIVER (3)", "color": "yellow", "index": 2},
+        "11": {"text": "FEATURES_OK (11)", "color": "orange", "index": 3},
+        "15": {"text": "DRIVER_OK (15)", "color": "green", "index": 4},
+    }},
+    {"type": "range", "options": {"from": 64, "to": 127, "result": {"text": "NEEDS_RESET", "color": "red", "index": 5}}},
+    {"type": "range", "options": {"from": 128, "to": 255, "result": {"text": "FAILED", "color": "dark-red", "index": 6}}},
+]
+
+
+def vm_drilldown() -> dict[str, Any]:
+    ri = "$__rate_interval"
+    rng = "$__range"
+    variables = [
+        _instance_var(),
+        _query_var("namespace", "namespace", f'label_values(virtio_device_info{{{SEL}}}, namespace)'),
+        _query_var("vm", "VM", f'label_values(virtio_device_info{{{SEL}, namespace=~"$namespace"}}, vm)'),
+        _query_var("device", "device", f'label_values(virtio_device_info{{{VM_SEL}}}, device)'),
+    ]
+    panels = [
+        Panel("Device status timeline", "state-timeline", [
+            Query(f"max by (namespace, vm, device) (virtio_device_status{{{DEV_SEL}}})", "{{vm}} {{device}}"),
+        ], width=24, height=10, description="The status byte the guest last read or wrote: reset, the "
+            "initialisation steps, DRIVER_OK, and NEEDS_RESET (bit 0x40) / FAILED (bit 0x80).",
+            defaults={"mappings": _STATUS_MAPPINGS, "color": {"mode": "thresholds"},
+                      "thresholds": {"mode": "absolute", "steps": [{"value": None, "color": "text"}]}},
+            extra={"options": {"showValue": "never", "mergeValues": True, "rowHeight": 0.8}}),
+        Panel("Devices", "table", [
+            Query(f"max by (namespace, vm, device, type, transport) (virtio_device_info{{{DEV_SEL}}})",
+                  instant=True, fmt="table"),
+        ], width=24, height=6,
+            extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]}),
+        _stat("Episodes started", f"sum(increase(virtio_device_needs_reset_total{{{DEV_SEL}}}[{rng}]))"),
+        _stat("Recoveries", f"sum(increase(virtio_device_recoveries_total{{{DEV_SEL}}}[{rng}]))"),
+        _stat("Resets written", f"sum(increase(virtio_device_resets_total{{{DEV_SEL}}}[{rng}]))"),
+        _stat("FAILED written", f"sum(increase(virtio_driver_failed_total{{{DEV_SEL}}}[{rng}]))",
+              thresholds=[(None, "green"), (1, "red")]),
+        _stat("Config interrupts", f"sum(increase(virtio_config_interrupts_total{{{DEV_SEL}}}[{rng}]))"),
+        _stat("Stuck now", f"sum(virtio_device_stuck{{{DEV_SEL}}}) or vector(0)",
+              thresholds=[(None, "green"), (1, "red")]),
+        Panel("Seconds in the open NEEDS_RESET episode", "timeseries", [
+            Query(f"max by (vm, device) (virtio_device_unrecovered_seconds{{{DEV_SEL}}})", "{{vm}} {{device}}"),
+        ], unit="s"),
+        Panel("Status byte", "timeseries", [
+            Query(f"max by (vm, device) (virtio_device_status{{{DEV_SEL}}})", "{{vm}} {{device}}"),
+        ], defaults={"custom": {"lineInterpolation": "stepAfter"}}),
+        Panel("Resets, config interrupts, episodes", "timeseries", [
+            Query(f"sum by (vm, device) (increase(virtio_device_resets_total{{{DEV_SEL}}}[{ri}]))",
+                  "resets {{vm}} {{device}}"),
+            Query(f"sum by (vm, device) (increase(virtio_config_interrupts_total{{{DEV_SEL}}}[{ri}]))",
+                  "config irqs {{vm}} {{device}}"),
+            Query(f"sum by (vm, device) (increase(virtio_device_needs_reset_total{{{DEV_SEL}}}[{ri}]))",
+                  "NEEDS_RESET {{vm}} {{device}}"),
+        ]),
+        Panel("Spec violations of the VM", "timeseries", [
+            Query(f"sum by (vm, rule) (increase(virtio_spec_violations_total{{{VM_SEL}}}[{ri}]))",
+                  "{{vm}} {{rule}}"),
+        ]),
+    ]
+    return _dashboard("virtio-vm-drilldown", "virtio recovery / VM drill-down",
+                      "Status timeline and counters of the virtio devices of one VM.", variables, panels)
+
+
+def agent_health() -> dict[str, Any]:
+    ri = "$__rate_interval"
+    panels = [
+        _stat("Agents up", 'sum(up{job=~"$job"})', width=4,
+              description="Targets of the selected scrape job that answered the last scrape."),
+        _stat("Agents down", 'count(up{job=~"$job"} == 0) or vector(0)', width=4,
+              thresholds=[(None, "green"), (1, "red")]),
+        _stat("Hooks not attached", f"count(virtio_agent_hook_attached{{{SEL}}} == 0) or vector(0)", width=4,
+              thresholds=[(None, "green"), (1, "orange")]),
+        _stat("Events lost (range)", f"sum(increase(virtio_agent_events_lost_total{{{SEL}}}[$__range]))", width=4,
+              thresholds=[(None, "green"), (1, "orange")]),
+        _stat("VMs tracked", f"sum(virtio_agent_vms{{{SEL}}})", width=4),
+        _stat("Devices tracked", f"sum(virtio_agent_devices{{{SEL}}})", width=4),
+        Panel("Hook families attached", "state-timeline", [
+            Query(f"max by (instance, hook) (virtio_agent_hook_attached{{{SEL}}})", "{{instance}} {{hook}}"),
+        ], width=24, height=7, defaults={
+            "mappings": [{"type": "value", "options": {
+                "0": {"text": "not attached", "color": "red", "index": 0},
+                "1": {"text": "attached", "color": "green", "index": 1}}}],
+            "color": {"mode": "thresholds"},
+            "thresholds": {"mode": "absolute", "steps": [{"value": None, "color": "text"}]}}),
+        Panel("Events correlated by kind", "timeseries", [
+            Query(f"sum by (kind) (rate(virtio_agent_events_total{{{SEL}}}[{ri}]))", "{{kind}}"),
+        ], unit="ops"),
+        Panel("Accesses filtered in the kernel by reason", "timeseries", [
+            Query(f"sum by (reason) (rate(virtio_agent_kernel_events_filtered_total{{{SEL}}}[{ri}]))",
+                  "{{reason}}"),
+        ], unit="ops"),
+        Panel("Events lost", "timeseries", [
+            Query(f"sum by (instance, reason) (increase(virtio_agent_events_lost_total{{{SEL}}}[{ri}]))",
+                  "{{instance}} {{reason}}"),
+        ]),
+        Panel("BPF map fill", "timeseries", [
+            Query(f"max by (instance, map) (virtio_agent_bpf_map_entries{{{SEL}}} "
+                  f"/ (virtio_agent_bpf_map_capacity{{{SEL}}} > 0))", "{{instance}} {{map}}"),
+        ], unit="percentunit", defaults={"max": 1, "min": 0}),
+        Panel("BPF run time per invocation", "timeseries", [
+            Query(f"sum by (prog) (rate(virtio_agent_bpf_run_time_seconds_total{{{SEL}}}[{ri}])) "
+                  f"/ sum by (prog) (rate(virtio_agent_bpf_run_count_total{{{SEL}}}[{ri}]))", "{{prog}}"),
+        ], unit="s", description="Needs kernel.bpf_stats_enabled=1 on the host; empty otherwise."),
+        Panel("BPF CPU time (share of one CPU)", "timeseries", [
+            Query(f"sum by (instance, prog) (rate(virtio_agent_bpf_run_time_seconds_total{{{SEL}}}[{ri}]))",
+                  "{{instance}} {{prog}}"),
+        ], unit="percentunit"),
+        Panel("Scrape duration", "timeseries", [
+            Query(f"max by (instance) (virtio_agent_scrape_duration_seconds{{{SEL}}})",
+                  "{{instance}} build (previous scrape)"),
+            Query(f'max by (instance) (scrape_duration_seconds{{job=~"$job", {SEL}}})', "{{instance}} scrape"),
+        ], unit="s"),
+        Panel("Evictions (a bound was reached)", "timeseries", [
+            Query(f"sum by (instance, what) (increase(virtio_agent_evictions_total{{{SEL}}}[{ri}]))",
+                  "{{instance}} {{what}}"),
+        ]),
+        Panel("Agent builds", "table", [
+            Query(f"max by (instance, version, python, bcc) (virtio_agent_build_info{{{SEL}}})",
+                  instant=True, fmt="table"),
+        ], extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]}),
+    ]
+    job_var = _query_var("job", "scrape job", "label_values(virtio_agent_build_info, job)")
+    return _dashboard("virtio-agent-health", "virtio recovery / agent health",
+                      "Is every virtio-recovery-agent up, attached, keeping up with events and within its bounds?",
+                      [job_var, _instance_var()], panels, time_from="now-24h")
+
+
+DASHBOARDS = {
+    "virtio-fleet-overview.json": fleet_overview,
+    "virtio-vm-drilldown.json": vm_drilldown,
+    "virtio-agent-health.json": agent_health,
+}
+
+
+def render_all() -> dict[Path, str]:
+    files: dict[Path, str] = {}
+    for name, build in DASHBOARDS.items():
+        files[HERE / name] = json.dumps(build(), indent=2, sort_keys=False) + "\n"
+    configmap = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "virtio-recovery-dashboards",
+            "namespace": "virtio-recovery",
+            # Grafana's dashboard sidecar (kube-prometheus-stack: sidecar.dashboards.label) loads
+            # every ConfigMap with this label; the annotation picks the folder when folderAnnotation is set.
+            "labels": {"grafana_dashboard": "1", "app.kubernetes.io/name": "virtio-recovery-agent"},
+            "annotations": {"grafana_folder": "virtio"},
+        },
+        "data": {name: files[HERE / name] for name in DASHBOARDS},
+    }
+    files[CONFIGMAP] = ("# GENERATED by dashboards/render.py: edit that, then run `python dashboards/render.py`.\n"
+                        "# yamllint disable rule:line-length\n"
+                        + yaml.dump(configmap, Dumper=_BlockDumper, sort_keys=False, width=1 << 16))
+    return files
+
+
+def main(argv: list[str]) -> int:
+    stale = []
+    for path, text in render_all().items():
+        if "--check" in argv:
+            if not path.exists() or path.read_text() != text:
+                stale.append(path.name)
+        else:
+            path.write_text(text)
+    if stale:
+        print(f"out of date: {', '.join(stale)}; run python dashboards/render.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

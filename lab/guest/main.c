@@ -1,0 +1,367 @@
+/* Scripted virtio driver: scenario from the kernel command line, facts as "VRA ..." lines on
+ * COM1, exit through isa-debug-exit. Timed sections only append to an in-memory log (serial
+ * output costs a VM exit per byte); the log is printed between episodes. */
+#include "lib.h"
+#include "virtio.h"
+
+enum ev_type { EV_STATUS, EV_FAULT, EV_NEEDS_RESET, EV_RESET_DONE, EV_TIMEOUT, EV_ISR, EV_KICK };
+
+struct ev {
+	u8 type, dev, value;
+	short ep;
+	u32 count;
+	u64 tsc;
+};
+
+#define LOG_CAP 4096
+static struct ev evlog[LOG_CAP];
+static u32 nlog, log_dropped;
+
+static void log_ev(u8 type, struct vdev *d, short ep, u8 value, u32 count, u64 tsc)
+{
+	if (nlog >= LOG_CAP) {
+		log_dropped++;
+		return;
+	}
+	struct ev *e = &evlog[nlog++];
+	e->type = type;
+	e->dev = (u8)d->idx;
+	e->ep = ep;
+	e->value = value;
+	e->count = count;
+	e->tsc = tsc;
+}
+
+static const char *ev_names[] = { "status", "fault", "needs_reset", "reset_done", "timeout", "isr", "kick" };
+
+static void flush_log(void)
+{
+	for (u32 i = 0; i < nlog; i++) {
+		struct ev *e = &evlog[i];
+		puts_("VRA ");
+		puts_(ev_names[e->type]);
+		put_kv_dec("dev", e->dev);
+		puts_(" ep=");
+		put_sdec(e->ep);
+		if (e->type == EV_TIMEOUT)
+			put_kv_str("what", e->value ? "reset_done" : "needs_reset");
+		else if (e->type != EV_FAULT && e->type != EV_KICK)
+			put_kv_hex("value", e->value);
+		if (e->type == EV_NEEDS_RESET || e->type == EV_RESET_DONE || e->type == EV_TIMEOUT)
+			put_kv_dec("reads", e->count);
+		put_kv_dec("tsc", e->tsc);
+		line_end();
+	}
+	nlog = 0;
+	if (log_dropped) {
+		puts_("VRA log_dropped");
+		put_kv_dec("n", log_dropped);
+		line_end();
+		log_dropped = 0;
+	}
+}
+
+static void write_status(struct vdev *d, short ep, u8 v)
+{
+	u64 t = rdtsc();
+	vd_set_status(d, v);
+	log_ev(EV_STATUS, d, ep, v, 0, t);
+}
+
+static u32 detect_ms, reset_ms;
+
+/* Polls status until NEEDS_RESET; logs when first seen (tsc of the read that returned it). */
+static int wait_needs_reset(struct vdev *d, short ep)
+{
+	u64 deadline = rdtsc() + ms_to_tsc(detect_ms);
+	u32 reads = 0;
+	for (;;) {
+		u64 t = rdtsc();
+		u8 s = vd_status(d);
+		reads++;
+		if (s & S_NEEDS_RESET) {
+			log_ev(EV_NEEDS_RESET, d, ep, s, reads, t);
+			return 1;
+		}
+		if (t > deadline) {
+			log_ev(EV_TIMEOUT, d, ep, 0, reads, t);
+			return 0;
+		}
+	}
+}
+
+static void reset_dev(struct vdev *d, short ep)
+{
+	write_status(d, ep, 0);
+	u64 deadline = rdtsc() + ms_to_tsc(reset_ms);
+	u32 reads = 0;
+	for (;;) {
+		u64 t = rdtsc();
+		u8 s = vd_status(d);
+		reads++;
+		if (!s) {
+			log_ev(EV_RESET_DONE, d, ep, s, reads, t);
+			return;
+		}
+		if (t > deadline) {
+			log_ev(EV_TIMEOUT, d, ep, 1, reads, t);
+			return;
+		}
+	}
+}
+
+/* ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queue, DRIVER_OK. `skip_ack` starts at DRIVER|ACK
+ * directly (what NetKVM does). */
+static void init_dev(struct vdev *d, short ep, int skip_ack)
+{
+	if (!skip_ack)
+		write_status(d, ep, S_ACK);
+	write_status(d, ep, S_ACK | S_DRIVER);
+	vd_negotiate(d);
+	write_status(d, ep, S_ACK | S_DRIVER | S_FEATURES_OK);
+	vd_setup_queue(d);
+	write_status(d, ep, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+}
+
+static void fault_dev(struct vdev *d, short ep)
+{
+	u64 t = rdtsc();
+	vd_inject_fault(d);
+	log_ev(EV_FAULT, d, ep, 0, 0, t);
+}
+
+static void read_isr(struct vdev *d, short ep)
+{
+	u64 t = rdtsc();
+	u8 v = vd_isr(d);
+	log_ev(EV_ISR, d, ep, v, 0, t);
+}
+
+static int selected(int i, int fault_sel)
+{
+	return fault_sel < 0 || fault_sel == i;
+}
+
+static enum transport parse_transport(const char *s)
+{
+	if (streq(s, "modern"))
+		return T_MODERN;
+	if (streq(s, "legacy"))
+		return T_LEGACY;
+	if (streq(s, "mmio"))
+		return T_MMIO;
+	fatal("bad_transport");
+}
+
+void guest_main(u32 magic, u32 info)
+{
+	const char *boot = "unknown";
+	serial_init();
+	u64 t_entry = rdtsc();
+	if (magic == 0x2badb002u) {
+		boot = "multiboot";
+		if (mr32(info) & 4)
+			cmdline_set((const char *)mr32(info + 16));
+	} else if (mr32(info) == 0x336ec578u) {
+		boot = "pvh";
+		cmdline_set((const char *)mr32(info + 24));
+	}
+	tsc_calibrate();
+	puts_("VRA boot");
+	put_kv_str("via", boot);
+	put_kv_dec("tsc_hz", tsc_hz);
+	put_kv_str("tsc_src", tsc_src);
+	put_kv_dec("tsc_hz_cpuid", tsc_hz_cpuid);
+	put_kv_dec("tsc_hz_pit", tsc_hz_pit);
+	put_kv_dec("tsc", t_entry);
+	line_end();
+	puts_("VRA cmdline ");
+	puts_(cmdline_get());
+	line_end();
+
+	const char *scenario = param_str("scenario", "init");
+	enum transport t = parse_transport(param_str("transport", "modern"));
+	enum irq_mode irq = streq(param_str("irq", "msix"), "intx") ? IRQ_INTX : IRQ_MSIX;
+	u32 repeat = param_u32("repeat", 1);
+	u32 delay = param_u32("delay_ms", 0);
+	u32 hold = param_u32("hold_ms", 0);
+	const char *fsel = param_str("fault_dev", "all");
+	int fault_sel = streq(fsel, "all") ? -1 : (int)param_u32("fault_dev", 0);
+	detect_ms = param_u32("detect_ms", 200);
+	reset_ms = param_u32("reset_ms", 1000);
+
+	u32 start_delay = param_u32("start_delay_ms", 0);
+	if (start_delay) {
+		delay_ms(start_delay);
+		puts_("VRA started");
+		put_kv_dec("tsc", rdtsc());
+		line_end();
+	}
+
+	virtio_discover(t, irq);
+	if (!ndevs)
+		fatal("no_virtio_device");
+	if (fault_sel >= ndevs)
+		fatal("fault_dev_out_of_range");
+
+	for (int i = 0; i < ndevs; i++) {
+		reset_dev(&devs[i], -1);
+		init_dev(&devs[i], -1, 0);
+	}
+	flush_log();
+	for (int i = 0; i < ndevs; i++)
+		virtio_print_dev(&devs[i]);
+
+	if (streq(scenario, "init")) {
+		/* nothing more */
+	} else if (streq(scenario, "fault") || streq(scenario, "stuck")) {
+		for (int i = 0; i < ndevs; i++)
+			if (selected(i, fault_sel))
+				fault_dev(&devs[i], 0);
+		for (int i = 0; i < ndevs; i++)
+			if (selected(i, fault_sel) && wait_needs_reset(&devs[i], 0) && irq == IRQ_INTX)
+				read_isr(&devs[i], 0);
+		flush_log();
+		if (hold)
+			delay_ms(hold);
+	} else if (streq(scenario, "recover") || streq(scenario, "fail")) {
+		int fail = streq(scenario, "fail");
+		for (u32 ep = 0; ep < repeat; ep++) {
+			for (int i = 0; i < ndevs; i++)
+				if (selected(i, fault_sel))
+					fault_dev(&devs[i], (short)ep);
+			for (int i = 0; i < ndevs; i++) {
+				struct vdev *d = &devs[i];
+				if (!selected(i, fault_sel))
+					continue;
+				int seen = wait_needs_reset(d, (short)ep);
+				if (seen && irq == IRQ_INTX)
+					read_isr(d, (short)ep);
+				if (delay)
+					delay_ms(delay);
+				if (fail)
+					write_status(d, (short)ep, (u8)(vd_status(d) | S_FAILED));
+				reset_dev(d, (short)ep);
+				init_dev(d, (short)ep, 0);
+			}
+			flush_log();
+		}
+	} else if (streq(scenario, "failreinit")) {
+		for (int i = 0; i < ndevs; i++) {
+			struct vdev *d = &devs[i];
+			if (!selected(i, fault_sel))
+				continue;
+			fault_dev(d, 0);
+			wait_needs_reset(d, 0);
+			write_status(d, 0, (u8)(vd_status(d) | S_FAILED));
+			init_dev(d, 0, 0);	/* no reset: a spec violation */
+		}
+		flush_log();
+	} else if (streq(scenario, "bitclear")) {
+		for (int i = 0; i < ndevs; i++)
+			if (selected(i, fault_sel))
+				write_status(&devs[i], 0, S_ACK | S_DRIVER | S_FEATURES_OK);
+		flush_log();
+	} else if (streq(scenario, "readstorm") || streq(scenario, "writestorm")) {
+		int writes = streq(scenario, "writestorm");
+		u32 n = param_u32(writes ? "writes" : "reads", 100000);
+		for (int i = 0; i < ndevs; i++) {
+			struct vdev *d = &devs[i];
+			if (!selected(i, fault_sel))
+				continue;
+			u8 v = vd_status(d), last = v;
+			u32 differing = 0;
+			u64 t0 = rdtsc();
+			for (u32 k = 0; k < n; k++) {
+				if (writes) {
+					vd_set_status(d, v);
+				} else {
+					last = vd_status(d);
+					differing += last != v;
+				}
+			}
+			u64 t1 = rdtsc();
+			puts_("VRA storm");
+			put_kv_dec("dev", (u64)i);
+			put_kv_str("op", writes ? "write" : "read");
+			put_kv_dec("n", n);
+			put_kv_hex("value", v);
+			put_kv_dec("differing", differing);
+			put_kv_dec("tsc_start", t0);
+			put_kv_dec("tsc_end", t1);
+			line_end();
+		}
+	} else if (streq(scenario, "linux")) {
+		/* What a Linux guest does: ignores the config interrupt's NEEDS_RESET, re-reads the
+		 * generation and device config, keeps kicking; never reads status, never resets. */
+		u32 kick_ms = param_u32("kick_ms", 5);
+		u64 end = rdtsc() + ms_to_tsc(hold ? hold : 100);
+		for (int i = 0; i < ndevs; i++)
+			if (selected(i, fault_sel))
+				fault_dev(&devs[i], 0);
+		u32 kicks = 0;
+		while (rdtsc() < end) {
+			delay_ms(kick_ms);
+			for (int i = 0; i < ndevs; i++) {
+				if (!selected(i, fault_sel))
+					continue;
+				(void)vd_generation(&devs[i]);
+				(void)vd_config8(&devs[i], 0);
+				vd_kick(&devs[i]);
+				kicks++;
+			}
+		}
+		flush_log();
+		puts_("VRA linux");
+		put_kv_dec("kicks", kicks);
+		put_kv_dec("tsc", rdtsc());
+		line_end();
+	} else if (streq(scenario, "netkvm")) {
+		/* Windows NetKVM: checks status every period_ms; on NEEDS_RESET writes 0 then
+		 * 3, 11, 15 without waiting for the reset to read back 0. */
+		u32 period = param_u32("period_ms", 10);
+		for (u32 ep = 0; ep < repeat; ep++) {
+			for (int i = 0; i < ndevs; i++)
+				if (selected(i, fault_sel))
+					fault_dev(&devs[i], (short)ep);
+			for (int i = 0; i < ndevs; i++) {
+				struct vdev *d = &devs[i];
+				if (!selected(i, fault_sel))
+					continue;
+				u64 deadline = rdtsc() + ms_to_tsc(detect_ms);
+				u32 reads = 0;
+				for (;;) {
+					u64 tr = rdtsc();
+					u8 s = vd_status(d);
+					reads++;
+					if (s & S_NEEDS_RESET) {
+						log_ev(EV_NEEDS_RESET, d, (short)ep, s, reads, tr);
+						break;
+					}
+					if (tr > deadline) {
+						log_ev(EV_TIMEOUT, d, (short)ep, 0, reads, tr);
+						break;
+					}
+					delay_ms(period);
+				}
+				write_status(d, (short)ep, 0);
+				init_dev(d, (short)ep, 1);
+			}
+			flush_log();
+		}
+	} else {
+		fatal("unknown_scenario");
+	}
+
+	puts_("VRA done");
+	put_kv_str("scenario", scenario);
+	for (int i = 0; i < ndevs; i++) {
+		puts_(" status");
+		put_dec((u64)i);
+		puts_("=");
+		put_hex(vd_status(&devs[i]));
+	}
+	put_kv_dec("tsc", rdtsc());
+	line_end();
+	guest_exit(0);
+}

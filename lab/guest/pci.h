@@ -1,0 +1,22 @@
+#ifndef PCI_H
+#define PCI_H
+#include "lib.h"
+
+#define PCI_BDF(b, d, f) (((u32)(b) << 8) | ((u32)(d) << 3) | (u32)(f))
+
+u32 pci_read32(u32 bdf, u32 off);
+u16 pci_read16(u32 bdf, u32 off);
+u8 pci_read8(u32 bdf, u32 off);
+void pci_write32(u32 bdf, u32 off, u32 v);
+void pci_write16(u32 bdf, u32 off, u16 v);
+void pci_write8(u32 bdf, u32 off, u8 v);
+
+/* Assigns every BAR of the function that the firmware left at 0 (qboot leaves them), enables
+ * I/O + memory decoding and bus mastering. Returns BAR n's address (0 if absent). */
+void pci_assign_bars(u32 bdf, u64 bars[6], int is_io[6]);
+/* First capability with this id at or after `start` (0 = list head); 0 if none. */
+u32 pci_find_cap(u32 bdf, u8 id, u32 start);
+/* Route PIIX3 PIRQA-D to IRQ 10/10/11/11 so INTx reaches the interrupt controllers. */
+void pci_route_intx(void);
+
+#endif

@@ -1,0 +1,62 @@
+#ifndef VIRTIO_H
+#define VIRTIO_H
+#include "lib.h"
+
+enum transport { T_MODERN, T_LEGACY, T_MMIO };
+enum irq_mode { IRQ_MSIX, IRQ_INTX };
+
+#define S_ACK 0x01
+#define S_DRIVER 0x02
+#define S_DRIVER_OK 0x04
+#define S_FEATURES_OK 0x08
+#define S_NEEDS_RESET 0x40
+#define S_FAILED 0x80
+
+#define MAX_DEVS 8
+#define MAX_QSIZE 128
+
+struct vdev {
+	int idx;
+	enum transport t;
+	enum irq_mode irq;
+	u32 bdf;		/* PCI */
+	u16 pci_devid;
+	u32 type;		/* virtio device type (4 = entropy) */
+	u32 common, isr, devcfg, notify;	/* modern: guest-physical addresses */
+	u16 io;			/* legacy: I/O base */
+	u32 mmio;		/* virtio-mmio base */
+	u32 mmio_version;
+	int msix;		/* MSI-X enabled */
+	u16 msix_config_vec, msix_queue_vec;	/* virtio vectors (MSI-X table entries) read back */
+	u8 apic_vec_config, apic_vec_queue;	/* MSI data we programmed */
+	u8 irq_line;
+	u16 qsize;
+	u16 avail_idx;
+	u8 *ring;
+	u64 features;		/* negotiated */
+};
+
+extern struct vdev devs[MAX_DEVS];
+extern int ndevs;
+
+/* Finds virtio devices of the requested transport (PCI or the microvm mmio window). */
+void virtio_discover(enum transport t, enum irq_mode irq);
+void virtio_print_dev(struct vdev *d);
+
+u8 vd_status(struct vdev *d);
+void vd_set_status(struct vdev *d, u8 v);
+u8 vd_generation(struct vdev *d);
+u8 vd_config8(struct vdev *d, u32 off);
+u8 vd_isr(struct vdev *d);	/* reads (and acks) the interrupt status */
+void vd_negotiate(struct vdev *d);
+void vd_setup_queue(struct vdev *d);
+void vd_kick(struct vdev *d);
+/* Makes the avail index jump past the queue size and kicks: QEMU's virtqueue_num_heads() calls
+ * virtio_error("Guest moved used index ..."). */
+void vd_inject_fault(struct vdev *d);
+
+/* where the status register is, for the report */
+u32 vd_status_addr(struct vdev *d);
+const char *vd_space(struct vdev *d);
+
+#endif

@@ -1,0 +1,349 @@
+"""Discovery, the state machine and NEEDS_RESET episodes on scripted streams."""
+from __future__ import annotations
+
+import pytest
+
+from agent import events as E
+from agent.correlate import Correlator, CorrelatorConfig, DeviceHint
+from agent.model import (
+    EpisodeEnded, EpisodeStuck, Evidence, Outcome, Rule, Transport, Violation, WatchInterrupt,
+    WatchRegister,
+)
+from test_correlate_guestscript import Script, run
+
+MS = 1_000_000
+
+
+def ended(out):
+    return [o.episode for o in out if isinstance(o, EpisodeEnded)]
+
+
+def violations(out):
+    return [(o.device, o.rule) for o in out if isinstance(o, Violation)]
+
+
+def check_against_truth(episode, truth):
+    for name in ("start_ns", "guest_saw_ns", "reset_written_ns", "reset_done_ns", "driver_ok_ns"):
+        assert getattr(episode, name) == getattr(truth, name), name
+    assert episode.evidence == truth.evidence
+    assert episode.outcome == truth.outcome
+    assert episode.device == truth.device
+
+
+@pytest.mark.parametrize("transport,base,watched", [
+    (Transport.PCI_MODERN, 0xFEBF1000, {0x14: E.Register.STATUS, 0x15: E.Register.CONFIG_GENERATION,
+                                         0x10: E.Register.MSIX_CONFIG}),
+    (Transport.MMIO, 0xFEB00200, {0x70: E.Register.STATUS, 0xFC: E.Register.CONFIG_GENERATION,
+                                   0x60: E.Register.ISR, 0x64: E.Register.INTERRUPT_ACK}),
+    (Transport.PCI_LEGACY, 0xC040, {18: E.Register.STATUS, 19: E.Register.ISR,
+                                     20: E.Register.MSIX_CONFIG}),
+])
+def test_discovery_from_the_init_sequence_watches_the_layout(transport, base, watched):
+    s = Script()
+    dev = s.vm(50, "guest1").device(transport, base)
+    dev.init()
+    c, out = run(s.events)
+    regs = {(o.addr - base): o.register for o in out if isinstance(o, WatchRegister)}
+    assert regs == watched
+    assert all(o.pid == 50 and o.space == dev.space and o.add for o in out
+               if isinstance(o, WatchRegister))
+    snap = c.snapshot(s.t)
+    [view] = snap.devices
+    assert (view.device, view.transport, view.status) == (dev.id, transport, dev.init_values[-1])
+    assert view.resets_total == 1 and view.vm.name == "guest1"
+
+
+def test_random_traffic_is_not_a_device():
+    s = Script()
+    dev = s.vm(50).device(Transport.PCI_MODERN, 0xFEBF1000)
+    for v in (0, 1, 0, 5, 3, 0x55, 0xFF, 2, 0):    # never 0,1,3 in a row, never a running status
+        dev.access(E.Op.WRITE, v)
+    dev.access(E.Op.READ, 0x0F, size=2)             # 2-byte: no transport has a 2-byte status
+    c, out = run(s.events)
+    assert c.snapshot(s.t).devices == [] and out == []
+
+
+def test_recovery_with_config_interrupt_measures_every_phase_exactly():
+    s = Script()
+    dev = s.vm(7, "vm-a").device(Transport.PCI_MODERN, vector=0x41)
+    dev.init()
+    truth = dev.needs_reset()
+    s.step(5 * MS)
+    dev.recover()
+    c, out = run(s.events, CorrelatorConfig(hints=(dev.hint(),)))
+    [ep] = ended(out)
+    check_against_truth(ep, truth)
+    assert ep.evidence == Evidence.CONFIG_INTERRUPT
+    assert ep.recovery_seconds == (truth.driver_ok_ns - truth.start_ns) / 1e9
+    assert set(ep.phase_seconds()) == {"notify", "react", "reset", "reinit"}
+    assert ep.reinit_values == [1, 3, 11, 15]
+    [view] = c.snapshot(s.t).devices
+    assert (view.needs_reset_total, view.recoveries_total, view.resets_total,
+            view.config_interrupts_total) == (1, 1, 2, 1)
+    assert c.snapshot(s.t).episodes_ended == {Outcome.RECOVERED: 1}
+    assert violations(out) == []
+
+
+def test_config_vector_is_learned_from_the_interrupt_right_before_the_first_0x40_read():
+    s = Script()
+    dev = s.vm(7, "vm-a").device(Transport.PCI_MODERN, vector=0x42)
+    dev.init()
+    truth = dev.needs_reset()
+    dev.recover()
+    c, out = run(s.events)          # no hint: the vector is unknown up front
+    assert WatchInterrupt(7, vector=0x42) in out
+    [ep] = ended(out)
+    check_against_truth(ep, truth)
+    # the second episode is attributed through the now known vector
+    truth2 = dev.needs_reset()
+    dev.recover()
+    out2 = []
+    for ev in s.events[-8:]:
+        out2.extend(c.feed(ev))
+    out2.extend(c.flush())
+    [ep2] = ended(out2)
+    check_against_truth(ep2, truth2)
+
+
+def test_interrupt_of_an_other_known_device_is_not_taken_as_config_interrupt():
+    s = Script()
+    vm = s.vm(7, "vm-a")
+    a = vm.device(Transport.PCI_MODERN, 0xFE000000, vector=0x41)
+    b = vm.device(Transport.PCI_MODERN, 0xFE004000, vector=None)
+    a.init()
+    b.init()
+    a.config_interrupt()          # a's interrupt (a known vector), then b is found broken
+    truth = b.needs_reset()
+    b.recover()
+    c, out = run(s.events, CorrelatorConfig(hints=(a.hint(),)))
+    [ep] = ended(out)
+    assert ep.device == b.id and ep.evidence == Evidence.STATUS_READ
+    check_against_truth(ep, truth)
+
+
+def test_intx_legacy_config_interrupt_found_through_isr_and_gsi_learned():
+    s = Script()
+    dev = s.vm(9, "old").device(Transport.PCI_LEGACY, 0xC040, gsi=11)
+    dev.init()
+    truth = dev.needs_reset()
+    dev.recover()
+    c, out = run(s.events)
+    assert WatchInterrupt(9, gsi=11) in out
+    [ep] = ended(out)
+    check_against_truth(ep, truth)
+    assert ep.transport == Transport.PCI_LEGACY and ep.reinit_values == [1, 3, 7]
+
+
+def test_mmio_device_type_from_device_id_and_magic():
+    s = Script()
+    dev = s.vm(9, "micro").device(Transport.MMIO, 0xFEB00400, gsi=5)
+    dev.access(E.Op.READ, 0x74726976, addr=dev.base, size=4)      # MagicValue
+    dev.access(E.Op.READ, 2, addr=dev.base + 0x08, size=4)        # DeviceID: block
+    dev.init()
+    truth = dev.needs_reset()
+    dev.recover()
+    c, out = run(s.events)
+    [ep] = ended(out)
+    check_against_truth(ep, truth)
+    assert (ep.type, ep.transport, ep.device) == ("blk", Transport.MMIO, "mmio-0xfeb00400")
+
+
+def test_polling_guest_without_interrupts_starts_at_the_read():
+    s = Script()
+    dev = s.vm(3).device(Transport.PCI_MODERN)
+    dev.init()
+    truth = dev.needs_reset(notify=False)
+    dev.recover()
+    c, out = run(s.events)
+    [ep] = ended(out)
+    check_against_truth(ep, truth)
+    assert ep.vm.name == "pid-3" and ep.evidence == Evidence.STATUS_READ
+    assert violations(out) == []     # no known config vector: nothing to expect
+
+
+def test_device_running_before_the_agent_is_picked_up_by_its_next_status_read():
+    s = Script()
+    dev = s.vm(3, "late").device(Transport.PCI_MODERN, 0xFEBF3000)
+    dev.status = 0x0F            # initialised before the recording
+    truth = dev.needs_reset(notify=False)
+    dev.recover()
+    c, out = run(s.events)
+    [ep] = ended(out)
+    check_against_truth(ep, truth)
+    assert c.snapshot(s.t).devices[0].resets_total == 1
+
+
+def test_ordinary_resets_failed_and_violations_are_counted_without_episodes():
+    s = Script()
+    dev = s.vm(3, "x").device(Transport.PCI_MODERN)
+    dev.init()
+    dev.init()                    # ordinary reset + re-init
+    dev.reinit_without_reset()    # writes 1 over 15: bit cleared
+    dev.fail()
+    dev.reinit_without_reset()    # after FAILED, no reset
+    c, out = run(s.events)
+    assert ended(out) == []
+    assert violations(out) == [(dev.id, r) for (_, _, r) in s.violations]
+    [view] = c.snapshot(s.t).devices
+    assert (view.resets_total, view.failed_total, view.needs_reset_total) == (2, 1, 0)
+    snap = c.snapshot(s.t)
+    assert sum(snap.violations.values()) == 2
+
+
+def test_needs_reset_without_notification_when_the_vector_is_known():
+    s = Script()
+    dev = s.vm(3, "x").device(Transport.PCI_MODERN, vector=0x50)
+    dev.init()
+    dev.needs_reset(notify=False)
+    s.step(300 * MS)
+    dev.recover()
+    c, out = run(s.events, CorrelatorConfig(hints=(dev.hint(),), notify_window_ns=100 * MS))
+    assert violations(out) == [(dev.id, Rule.NEEDS_RESET_WITHOUT_NOTIFY)]
+
+
+def test_late_notification_within_the_window_is_no_violation():
+    s = Script()
+    dev = s.vm(3, "x").device(Transport.PCI_MODERN, vector=0x50)
+    dev.init()
+    dev.status |= 0x40
+    read_ts = dev.read()          # the guest polls before the MSI arrives
+    dev.config_interrupt(gap=1 * MS)
+    s.step(300 * MS)
+    dev.recover()
+    c, out = run(s.events, CorrelatorConfig(hints=(dev.hint(),), notify_window_ns=100 * MS))
+    [ep] = ended(out)
+    assert violations(out) == [] and ep.start_ns == read_ts
+    assert ep.evidence == Evidence.STATUS_READ
+
+
+def test_config_interrupt_before_driver_ok_is_a_violation():
+    s = Script()
+    dev = s.vm(3, "x").device(Transport.PCI_MODERN, vector=0x50)
+    dev.write(0)
+    dev.write(1)
+    dev.write(3)
+    dev.config_interrupt()
+    c, out = run(s.events, CorrelatorConfig(hints=(dev.hint(),)))
+    assert violations(out) == [(dev.id, Rule.NOTIFY_BEFORE_DRIVER_OK)]
+
+
+def test_stuck_once_then_abandoned_on_exit():
+    s = Script()
+    vm = s.vm(3, "x")
+    dev = vm.device(Transport.PCI_MODERN)
+    dev.init()
+    truth = dev.needs_reset(notify=False)
+    c, out = run(s.events, CorrelatorConfig(stuck_after_ns=10 * MS))
+    assert out[-1:] == [] or not any(isinstance(o, EpisodeStuck) for o in out)
+    stuck = [o for o in c.tick(truth.start_ns + 20 * MS) if isinstance(o, EpisodeStuck)]
+    assert len(stuck) == 1 and stuck[0].episode.stuck
+    assert not any(isinstance(o, EpisodeStuck) for o in c.tick(truth.start_ns + 40 * MS))
+    view = c.snapshot(truth.start_ns + 40 * MS).devices[0]
+    assert view.open_episode.stuck and view.open_episode.outcome == Outcome.OPEN
+    out = c.feed(E.ProcessExit(truth.start_ns + 50 * MS, 3)) + c.flush()
+    [ep] = ended(out)
+    assert ep.outcome == Outcome.ABANDONED and ep.end_ns == truth.start_ns + 50 * MS
+    assert ep.stuck and c.snapshot(truth.start_ns + 60 * MS).devices == []
+    assert any(isinstance(o, WatchRegister) and not o.add for o in out)
+
+
+def test_pid_reuse_abandons_the_old_vm_and_never_mixes_devices():
+    s = Script()
+    old = s.vm(42, "old", start_time=100)
+    d1 = old.device(Transport.PCI_MODERN)
+    d1.init()
+    d1.needs_reset(notify=False)
+    new = s.vm(42, "new", start_time=900)      # same pid, new process, no exit seen
+    d2 = new.device(Transport.PCI_MODERN)
+    d2.status = 0x0F
+    d2.needs_reset(notify=False)
+    d2.recover()
+    c, out = run(s.events)
+    eps = ended(out)
+    assert [(e.vm.name, e.vm.start_time, e.outcome) for e in eps] == [
+        ("old", 100, Outcome.ABANDONED), ("new", 900, Outcome.RECOVERED)]
+    [view] = c.snapshot(s.t).devices
+    assert view.vm.name == "new" and view.needs_reset_total == 1
+
+
+def test_identity_arriving_after_the_first_events_renames_the_fallback():
+    s = Script()
+    dev = s.vm(42).device(Transport.PCI_MODERN)
+    dev.init()
+    s.emit(E.VmStarted(s.step(), 42, 555, "late-name", namespace="ns"))
+    truth = dev.needs_reset(notify=False)
+    dev.recover()
+    c, out = run(s.events)
+    [ep] = ended(out)
+    assert (ep.vm.name, ep.vm.namespace, ep.vm.start_time) == ("late-name", "ns", 555)
+    check_against_truth(ep, truth)
+
+
+def test_vhost_status_episode():
+    s = Script()
+    t = s.step()
+    evs = [E.VhostStatus(t, 5, 6, E.Op.WRITE, 17, 0), E.VhostStatus(t + 1, 5, 6, E.Op.WRITE, 17, 15),
+           E.VhostStatus(t + 10, 5, 6, E.Op.READ, 17, 0x4F),
+           E.VhostStatus(t + 20, 5, 6, E.Op.WRITE, 17, 0),
+           E.VhostStatus(t + 21, 5, 6, E.Op.READ, 17, 0)]
+    evs += [E.VhostStatus(t + 30 + i, 5, 6, E.Op.WRITE, 17, v) for i, v in enumerate((1, 3, 11, 15))]
+    c, out = run(evs)
+    [ep] = ended(out)
+    assert (ep.evidence, ep.transport, ep.device) == (Evidence.VHOST, Transport.VHOST, "vhost-fd17")
+    assert ep.start_ns == t + 10 and ep.driver_ok_ns == t + 33 and ep.reset_done_ns == t + 21
+
+
+def test_bounds_evict_oldest_idle_vm_and_device_and_count_them():
+    s = Script()
+    devs = []
+    for pid in range(1, 6):
+        d = s.vm(pid, f"vm{pid}").device(Transport.PCI_MODERN)
+        d.init()
+        devs.append(d)
+    c, out = run(s.events, CorrelatorConfig(max_vms=3))
+    snap = c.snapshot(s.t)
+    assert snap.vms == 3 and snap.evictions["vm"] == 2
+    assert sorted(v.vm.name for v in snap.devices) == ["vm3", "vm4", "vm5"]
+
+    s2 = Script()
+    vm = s2.vm(1, "many")
+    for i in range(5):
+        vm.device(Transport.PCI_MODERN, 0xFE000000 + i * 0x4000).init()
+    c, out = run(s2.events, CorrelatorConfig(max_devices=2))
+    snap = c.snapshot(s2.t)
+    assert len(snap.devices) == 2 and snap.evictions["device"] == 3
+    removed = {o.addr for o in out if isinstance(o, WatchRegister) and not o.add}
+    assert 0xFE000000 + 0x14 in removed
+
+
+def test_candidates_per_vm_are_bounded():
+    s = Script()
+    dev = s.vm(1).device(Transport.PCI_MODERN)
+    for i in range(500):
+        dev.access(E.Op.WRITE, 0, addr=0xF0000000 + 4 * i)
+    c, _ = run(s.events, CorrelatorConfig(max_candidates_per_vm=16))
+    assert c.stats()["candidates_evicted"] == 500 - 16
+
+
+def test_lost_reset_write_is_inferred_from_the_read_of_zero():
+    s = Script()
+    dev = s.vm(1, "lossy").device(Transport.PCI_MODERN)
+    dev.init()
+    truth = dev.needs_reset(notify=False)
+    dev.recover()
+    lost = [e for e in s.events if e.ts_ns == truth.reset_written_ns]
+    events = [e for e in s.events if e.ts_ns != truth.reset_written_ns]
+    assert len(lost) == 1
+    c, out = run(events)
+    [ep] = ended(out)
+    assert ep.reset_written_ns is None and ep.reset_done_ns == truth.reset_done_ns
+    assert ep.driver_ok_ns == truth.driver_ok_ns and violations(out) == []
+    assert c.stats()["events_access"] == len(events) - 1   # all but VmStarted
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="max_vms"):
+        CorrelatorConfig(max_vms=0)
+    with pytest.raises(ValueError, match="space"):
+        DeviceHint("io", 0x10)
+    Correlator(CorrelatorConfig(reorder_window_ns=0))

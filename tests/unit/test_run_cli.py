@@ -1,0 +1,233 @@
+"""`run` flags, environment variables and its refusal to start without prerequisites."""
+from __future__ import annotations
+
+import argparse
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent import run
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(argv, env=None, monkeypatch=None):
+    if monkeypatch is not None:
+        for k in run.ENV.values():
+            monkeypatch.delenv(k, raising=False)
+        for k, v in (env or {}).items():
+            monkeypatch.setenv(k, v)
+    return parser().parse_args(argv)
+
+
+def parser():
+    # the `run` sub-command's own arguments (agent.cli mounts the same add_arguments)
+    p = argparse.ArgumentParser(prog="virtio-recovery-agent run")
+    run.add_arguments(p)
+    return p
+
+
+def test_defaults(monkeypatch):
+    a = parse([], monkeypatch=monkeypatch)
+    assert (a.listen, a.stuck_after, a.log_format, a.hooks, a.max_vms, a.max_devices) == \
+        (":9477", 60.0, "json", "all", 256, 4096)
+    assert a.tls_cert == "" and a.tls_key == ""
+
+
+def test_env_vars_set_defaults_and_flags_win(monkeypatch):
+    env = {"VRA_LISTEN": "127.0.0.1:9999", "VRA_STUCK_AFTER": "2.5", "VRA_LOG_FORMAT": "text",
+           "VRA_HOOKS": "mmio,pio,apic", "VRA_MAX_VMS": "8", "VRA_MAX_DEVICES": "64"}
+    a = parse([], env, monkeypatch)
+    assert (a.listen, a.stuck_after, a.log_format, a.hooks, a.max_vms, a.max_devices) == \
+        ("127.0.0.1:9999", 2.5, "text", "mmio,pio,apic", 8, 64)
+    a = parse(["--listen", ":1234", "--max-vms", "3"], env, monkeypatch)
+    assert a.listen == ":1234" and a.max_vms == 3
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["--listen", "9477"], "--listen"),
+    (["--stuck-after", "0"], "positive"),
+    (["--stuck-after", "soon"], "not a number"),
+    (["--log-format", "xml"], "json, text"),
+    (["--hooks", "mmio,teleport"], "unknown hook family teleport"),
+    (["--max-devices", "-1"], "positive"),
+])
+def test_bad_flags_exit_2_with_a_reason(argv, fragment, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse(argv, monkeypatch=monkeypatch)
+    assert exc.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_bad_env_var_is_reported_like_a_flag(monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse([], {"VRA_MAX_VMS": "many"}, monkeypatch)
+    assert exc.value.code == 2
+    assert "--max-vms" in capsys.readouterr().err
+
+
+def test_help_names_every_env_var(capsys):
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    for var in run.ENV.values():
+        assert var in out
+
+
+def test_core_hooks_follow_enabled_families():
+    assert set(run.core_hooks(None)) >= {"mmio", "pio", "apic"}
+    assert run.core_hooks({"mmio", "msi"}) == ["mmio"]
+
+
+def test_half_tls_config_is_refused(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "agent.run", "--tls-cert", "x.pem"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "--tls-key" in proc.stderr
+
+
+def _nobody() -> pwd.struct_passwd | None:
+    try:
+        return pwd.getpwnam("nobody")
+    except KeyError:
+        return None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None or shutil.which("setpriv") is None,
+                    reason="needs root (to drop to nobody) and setpriv")
+def test_not_root_is_one_line_pointing_to_doctor():
+    nobody = _nobody()
+    proc = subprocess.run(
+        ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+         sys.executable, "-m", "agent.run", "--listen", "127.0.0.1:0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("run:")]
+    assert len(lines) == 1, proc.stderr
+    assert "root" in lines[0] and "doctor" in lines[0]
+
+
+def test_port_in_use_is_a_clear_error(monkeypatch):
+    if run.privilege_problem():
+        pytest.skip(f"run cannot start here: {run.privilege_problem()}")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "agent.run", "--listen",
+                               f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+    assert proc.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr
+
+
+# --- the loop, fed a scripted event stream (the lab end-to-end test feeds it real capture) ---
+
+class ScriptedSource:
+    """Stands where Capture stands: hands out event batches, records the watch requests."""
+
+    def __init__(self, batches):
+        from agent.capture import CaptureStats, HookStatus
+
+        self.batches = list(batches)
+        self.watches = []
+        self.hook_status = {h: HookStatus(h, True, "scripted") for h in ("mmio", "pio", "apic",
+                                                                          "exit")}
+        self._stats = CaptureStats(forwarded=0, delivered=0, filtered={"repeat": 3}, lost={},
+                                   counters={}, maps={})
+        self.closed = False
+
+    def poll(self, timeout_ms):
+        return self.batches.pop(0) if self.batches else []
+
+    def watch_register(self, req):
+        self.watches.append(req)
+        return True
+
+    watch_interrupt = watch_register
+
+    def stats(self):
+        return self._stats
+
+    def close(self):
+        self.closed = True
+
+
+def scripted_agent(stuck_after_s=60.0):
+    import io
+    import time
+
+    from agent.correlate import Correlator, CorrelatorConfig
+    from agent.episode_log import EpisodeLog
+    from tests.unit.test_correlate_guestscript import Script
+
+    s = Script(t0=time.monotonic_ns())
+    vm = s.vm(4242, "lab-vm")
+    dev = vm.device(vector=0x31)
+    dev.init()
+    dev.needs_reset()
+    dev.recover()
+    stream = io.StringIO()
+    correlator = Correlator(CorrelatorConfig(hints=(dev.hint(),), reorder_window_ns=0,
+                                             stuck_after_ns=int(stuck_after_s * 1e9)))
+    return s, dev, stream, correlator, EpisodeLog(stream)
+
+
+def test_loop_correlates_logs_and_survives_a_bad_event():
+    import dataclasses
+
+    from agent.episode_log import read_records
+    from agent.events import RegisterAccess, VmStarted
+
+    s, dev, stream, correlator, episode_log = scripted_agent()
+    events = list(s.events)
+    vm_started = [e for e in events if isinstance(e, VmStarted)]
+    others = [e for e in events if not isinstance(e, VmStarted)]
+    # An event the correlator cannot digest (value None): must be counted, not fatal.
+    bad = dataclasses.replace(others[4], value=None, ts_ns=others[4].ts_ns + 1)
+    identified = []
+
+    def identify(pid):
+        identified.append(pid)
+        return vm_started[0]
+
+    source = ScriptedSource([others[:5], [bad], others[5:]])
+    agent = run.Agent(source, correlator, identify, episode_log=episode_log,
+                      core_hooks=["mmio", "pio", "apic"])
+    for _ in range(5):
+        agent.step(0)
+    agent.correlator.flush()
+    assert identified == [4242]          # once per pid, before its first event
+    from agent.model import WatchRegister
+
+    assert any(isinstance(w, WatchRegister) and w.addr == dev.status_addr for w in source.watches)
+    assert agent.counters.correlation_errors == 1
+    recs = read_records(stream.getvalue().splitlines())
+    assert [r["outcome"] for r in recs] == ["recovered"]
+    truth = s.episodes[0]
+    assert recs[0]["start_ns"] == truth.start_ns
+    assert recs[0]["driver_ok_ns"] == truth.driver_ok_ns
+    stats = agent.self_stats()
+    assert stats.lost["correlation_error"] == 1
+    assert stats.events["access"] == sum(isinstance(e, RegisterAccess) for e in others)
+    assert stats.filtered == {"repeat": 3}
+    assert agent.health() == (True, "ok")
+
+
+def test_health_names_missing_core_hooks():
+    from agent.capture import HookStatus
+
+    s, dev, stream, correlator, episode_log = scripted_agent()
+    source = ScriptedSource([])
+    source.hook_status["mmio"] = HookStatus("mmio", False, "tracepoint kvm:kvm_mmio missing")
+    agent = run.Agent(source, correlator, lambda pid: None, core_hooks=["mmio", "apic"])
+    ok, msg = agent.health()
+    assert not ok and "kvm_mmio missing" in msg
