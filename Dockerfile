@@ -24,6 +24,7 @@ ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv \
+ && apt-get clean \
  && rm -rf /var/lib/apt/lists/*
 # --system-site-packages: the bcc module is Debian's (python3-bpfcc in the runtime stage), not PyPI's.
 RUN python3 -m venv --system-site-packages /opt/virtio-recovery-agent
@@ -43,7 +44,8 @@ ARG DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-bpfcc \
- && rm -rf /var/lib/apt/lists/* /usr/share/doc/* /usr/share/man/*
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /usr/share/doc/* /usr/share/man/*
 COPY --from=build /opt/virtio-recovery-agent /opt/virtio-recovery-agent
 COPY bpf/ /usr/share/virtio-recovery-agent/bpf/
 ENV PATH=/opt/virtio-recovery-agent/bin:$PATH \

@@ -269,19 +269,15 @@ class OutageImpact:
 
     @property
     def toward_guest_dropped(self) -> Optional[int]:
-        """Frames the host could not queue toward the guest; None for an unknown kind."""
+        """Frames the host could not queue toward the guest; None for an unknown kind.
+
+        A tap counts them in tx_dropped (tun_net_xmit: ring full); a macvtap/ipvtap in
+        rx_dropped (= rx_errors; macvlan has already counted the frame in rx_packets).
+        """
         tx = _TOWARD_GUEST_IS_TX.get(self.kind)
         if tx is None:
             return None
         return self.tx_dropped if tx else self.rx_dropped
-
-    @property
-    def toward_guest_packets(self) -> Optional[int]:
-        """Frames handed to the VMM (tap: read by it; macvtap: queued for it)."""
-        tx = _TOWARD_GUEST_IS_TX.get(self.kind)
-        if tx is None:
-            return None
-        return self.tx_packets if tx else self.rx_packets
 
 
 def diff(before: LinkStats, after: LinkStats) -> OutageImpact:
@@ -298,3 +294,104 @@ def diff(before: LinkStats, after: LinkStats) -> OutageImpact:
         deltas[f] = d
     return OutageImpact(ifname=after.ifname, ifindex=after.ifindex, kind=after.kind,
                         seconds=(after.taken_ns - before.taken_ns) / 1e9, **deltas)
+
+
+class OutageMeter:
+    """Network impact of virtio-net outages: snapshots of a VM's tap backends when an episode
+    opens, differences when it ends.
+
+    `start(key, pid)` resolves the taps of the VMM `pid` and snapshots them; `end(key)`
+    snapshots them again and returns one OutageImpact per backend interface. `key` is the
+    caller's episode identity (e.g. (vm.key, device, start_ns)). The VMM's network namespace is
+    held open by fd from start to end, so a VM that exits meanwhile still resolves: its
+    interfaces are then gone and counted in `gone`, never reported as zero impact.
+    At most `max_open` episodes are tracked; a start beyond that is counted in `refused`.
+    """
+
+    def __init__(self, tapmap: Optional[TapMap] = None, max_open: int = 256):
+        if max_open <= 0:
+            raise ValueError("max_open must be positive")
+        self.tapmap = tapmap or TapMap()
+        self.max_open = max_open
+        self._open: dict[object, tuple[int, list[LinkStats]]] = {}   # key -> (netns fd, before)
+        self.refused = 0        # start() beyond max_open
+        self.no_backend = 0     # start() for a process holding no resolvable tap
+        self.gone = 0           # interfaces that vanished (or were replaced) before end()
+        self.inconsistent = 0   # snapshots diff() rejected (counters went backwards)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def start(self, key: object, pid: int) -> int:
+        """Snapshot the backends of `pid` for episode `key`; returns how many were taken."""
+        if key in self._open:
+            raise ValueError(f"episode {key!r} already started")
+        if len(self._open) >= self.max_open:
+            self.refused += 1
+            return 0
+        backends = [b for b in self.tapmap.taps_of(pid) if b.resolved]
+        indexes = sorted({b.ifindex for b in backends})   # a multiqueue tap once
+        if not indexes:
+            self.no_backend += 1
+            return 0
+        ns_fd = os.open(os.path.join(self.tapmap.proc_root, str(pid), "ns", "net"), os.O_RDONLY)
+        try:
+            with LinkStatsReader(_netns_of_fd(ns_fd)) as reader:
+                before = []
+                for ifindex in indexes:
+                    try:
+                        before.append(reader.snapshot(ifindex))
+                    except LinkGone:
+                        self.gone += 1
+        except BaseException:
+            os.close(ns_fd)
+            raise
+        if not before:
+            os.close(ns_fd)
+            return 0
+        self._open[key] = (ns_fd, before)
+        return len(before)
+
+    def end(self, key: object) -> list[OutageImpact]:
+        """Impacts of episode `key` (empty if start() took no snapshot for it)."""
+        entry = self._open.pop(key, None)
+        if entry is None:
+            return []
+        ns_fd, before = entry
+        out = []
+        try:
+            with LinkStatsReader(_netns_of_fd(ns_fd)) as reader:
+                for b in before:
+                    try:
+                        after = reader.snapshot(b.ifindex)
+                    except LinkGone:
+                        self.gone += 1
+                        continue
+                    if after.kind != b.kind:     # the index now names another interface
+                        self.gone += 1
+                        continue
+                    try:
+                        out.append(diff(b, after))
+                    except ValueError:
+                        self.inconsistent += 1
+        finally:
+            os.close(ns_fd)
+        return out
+
+    def discard(self, key: object) -> None:
+        entry = self._open.pop(key, None)
+        if entry is not None:
+            os.close(entry[0])
+
+    def close(self) -> None:
+        for key in list(self._open):
+            self.discard(key)
+
+
+def _netns_of_fd(fd: int) -> Optional[str]:
+    """A path naming the namespace open as `fd` (None if it is our own)."""
+    ours = os.stat("/proc/self/ns/net")
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+        return None
+    return f"/proc/self/fd/{fd}"

@@ -66,7 +66,8 @@ def parse_greeting(msg: Any) -> QmpVersion:
     try:
         v = msg["QMP"]["version"]
         q = v["qemu"]
-        return QmpVersion(int(q["major"]), int(q["minor"]), int(q["micro"]), str(v.get("package", "")))
+        return QmpVersion(int(q["major"]), int(q["minor"]), int(q["micro"]),
+                          str(v.get("package", "")))
     except (KeyError, TypeError, ValueError) as exc:
         raise QmpProtocolError(f"not a QMP greeting: {str(msg)[:200]}") from exc
 
@@ -122,7 +123,8 @@ class QmpClient:
             if "error" in msg:
                 err = msg["error"] if isinstance(msg["error"], dict) else {}
                 raise QmpCommandError(command, str(err.get("class", "?")), str(err.get("desc", "")))
-            raise QmpProtocolError(f"{command}: reply has neither return nor error: {str(msg)[:200]}")
+            raise QmpProtocolError(
+                f"{command}: reply has neither return nor error: {str(msg)[:200]}")
 
     def close(self) -> None:
         try:

@@ -4,6 +4,7 @@
 - `virtio_status(client, path)`: x-query-virtio-status -> status byte and `broken` (QEMU >= 7.2);
 - `pci_map(client)`: query-pci -> PCI devices with ids, virtio type and BARs; `device_at` maps a
   guest address seen by the kernel (status register gpa or I/O port) to the BAR holding it;
+- `probe(path)`: all of the above over one short-lived connection;
 - `QueryRateLimiter`: at most one probe per VM per interval, so a VM costs no QMP traffic
   unless something about it is already suspicious.
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, Hashable, Optional, Protocol
 from agent.events import (
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, Space,
 )
+from agent.qmp import DEFAULT_TIMEOUT, QmpClient, QmpVersion
 
 VIRTIO_PCI_VENDOR = 0x1af4
 MODERN_PCI_BASE = 0x1040          # modern device id = 0x1040 + virtio device id
@@ -32,7 +34,8 @@ VIRTIO_TYPE_NAMES: dict[int, str] = {
     18: "input", 19: "vsock", 20: "crypto", 23: "iommu", 24: "mem", 25: "sound", 26: "fs",
     27: "pmem", 29: "mac80211_hwsim", 30: "video", 31: "video",
 }
-# Transitional PCI device id -> virtio device id, for when the subsystem id is absent (virtio 1.2, 4.1.2.1)
+# Transitional PCI device id -> virtio device id, for when the subsystem id is absent
+# (virtio 1.2, 4.1.2.1)
 TRANSITIONAL_VIRTIO_IDS: dict[int, int] = {
     0x1000: 1, 0x1001: 2, 0x1002: 5, 0x1003: 3, 0x1004: 8, 0x1005: 4, 0x1009: 9,
 }
@@ -63,17 +66,19 @@ def virtio_type_name(virtio_id: Optional[int]) -> str:
 
 # --- x-query-virtio ----------------------------------------------------------------------------
 
-_PERIPHERAL_PATH = re.compile(r"^/machine/peripheral/([^/]+)/virtio-backend$")
+# virtio-pci: /machine/peripheral/ID/virtio-backend (a child of the PCI proxy);
+# virtio-mmio (-device virtio-*-device): /machine/peripheral/ID (the device itself).
+_PERIPHERAL_PATH = re.compile(r"^/machine/peripheral/([^/]+)(?:/virtio-backend)?$")
 
 
 @dataclass(frozen=True, slots=True)
 class VirtioDevice:
-    path: str            # canonical QOM path of the VirtIODevice (argument of x-query-virtio-status)
+    path: str            # canonical QOM path of the VirtIODevice (x-query-virtio-status's path)
     name: str            # QEMU's name, e.g. "virtio-net"
 
     @property
     def qdev_id(self) -> str:
-        """The -device id=... of the proxy (PCI/MMIO) device, "" for anonymous devices."""
+        """The -device id=... (of the PCI proxy for virtio-pci), "" for anonymous devices."""
         m = _PERIPHERAL_PATH.match(self.path)
         return m.group(1) if m else ""
 
@@ -204,7 +209,8 @@ class PciDevice:
         return virtio_type_name(self.virtio_id)
 
 
-def virtio_id_from_pci(vendor: int, device: int, subsystem: Optional[int]) -> tuple[Optional[int], str]:
+def virtio_id_from_pci(vendor: int, device: int,
+                       subsystem: Optional[int]) -> tuple[Optional[int], str]:
     """(virtio device id, "modern" | "transitional") or (None, "") for a non-virtio device."""
     if vendor != VIRTIO_PCI_VENDOR:
         return None, ""
@@ -241,11 +247,14 @@ def _parse_pci_device(d: Any, out: list[PciDevice]) -> None:
         ids = d["id"]
         vendor, device = _int(ids["vendor"]), _int(ids["device"])
         subsystem = ids.get("subsystem")
+        subsystem = None if subsystem is None else _int(subsystem)
+        subsystem_vendor = ids.get("subsystem-vendor")
+        subsystem_vendor = None if subsystem_vendor is None else _int(subsystem_vendor)
         virtio_id, kind = virtio_id_from_pci(vendor, device, subsystem)
         out.append(PciDevice(
             bus=_int(d["bus"]), slot=_int(d["slot"]), function=_int(d["function"]),
             vendor=vendor, device=device,
-            subsystem_vendor=ids.get("subsystem-vendor"), subsystem=subsystem,
+            subsystem_vendor=subsystem_vendor, subsystem=subsystem,
             class_code=_int(d["class_info"]["class"]),
             qdev_id=_str(d["qdev_id"]),
             bars=tuple(_parse_bar(r) for r in d["regions"]),
@@ -306,6 +315,34 @@ def pci_device_for(devices: list[PciDevice], vdev: VirtioDevice) -> Optional[Pci
         if dev.qdev_id == qid:
             return dev
     return None
+
+
+# --- one probe ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ProbedDevice:
+    virtio: VirtioDevice
+    status: VirtioStatus
+    pci: Optional[PciDevice]     # None for anonymous or non-PCI (virtio-mmio) devices
+
+
+@dataclass(frozen=True, slots=True)
+class VmProbe:
+    qemu_version: Optional[QmpVersion]
+    devices: tuple[ProbedDevice, ...]
+    pci: tuple[PciDevice, ...]
+
+
+def probe(path: str, timeout: float = DEFAULT_TIMEOUT) -> VmProbe:
+    """One connection: every virtio device's status and the PCI map; closed before returning.
+    Raises agent.qmp.QmpError (QmpCommandError "CommandNotFound" before QEMU 7.2)."""
+    with QmpClient.connect(path, timeout) as client:
+        pci = pci_map(client)
+        devices = tuple(
+            ProbedDevice(v, virtio_status(client, v.path), pci_device_for(pci, v))
+            for v in virtio_devices(client)
+        )
+        return VmProbe(client.version, devices, tuple(pci))
 
 
 # --- rate limiting -----------------------------------------------------------------------------
@@ -378,5 +415,5 @@ __all__ = [
     "VirtioStatus", "PciBar", "PciDevice", "BarHit", "QueryRateLimiter", "virtio_type_name",
     "parse_virtio_list", "parse_status_byte", "parse_virtio_status", "parse_pci",
     "virtio_id_from_pci", "virtio_devices", "virtio_status", "pci_map", "device_at",
-    "pci_device_for",
+    "pci_device_for", "ProbedDevice", "VmProbe", "probe",
 ]

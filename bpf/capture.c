@@ -72,7 +72,9 @@
 // config array slots; written by userspace before attaching
 #define CFG_DISCOVERY_RATE 0   // candidate events per second per VM (0 = discovery off)
 #define CFG_DISCOVERY_BURST 1  // bucket size
-#define CFG_N 2
+#define CFG_PIO_MIN_PORT 2     // lowest candidate port: below are ISA devices and PCI config (0xcf8)
+#define CFG_INFLIGHT 3         // (kernel-owned) threads inside VHOST_VDPA_GET_STATUS right now
+#define CFG_N 4
 
 struct event {
     u64 ts;
@@ -210,15 +212,16 @@ static __always_inline int take_token(u32 tgid)
 }
 
 // does an unwatched access look like a virtio status register access?
-static __always_inline int is_candidate(u32 space, u32 size, u64 value)
+static __always_inline int is_candidate(u32 space, u64 addr, u32 size, u64 value)
 {
     if (value > 0xff || (value & 0x30))
-        return 0;
+        return 0;   // not a status value (0x10 and 0x20 are reserved)
+    if (space == SPACE_PIO)     // legacy virtio-pci status: 1 byte at I/O BAR + 18
+        return size == 1 && addr >= cfg(CFG_PIO_MIN_PORT);
     if (size == 1)
-        return 1;   // modern common cfg device_status, legacy I/O status
-    if (size == 4 && space == SPACE_MMIO)
-        return 1;   // virtio-mmio Status is a 32-bit register
-    return 0;
+        return 1;   // modern common cfg device_status
+    // virtio-mmio Status is 32-bit at base + 0x70; bases are 0x200-aligned
+    return size == 4 && (addr & 0x1ff) == 0x70;
 }
 
 static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, u64 value)
@@ -236,7 +239,7 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
         reg = w->reg;
         st = &w->st;
     } else {
-        if (!is_candidate(space, size, value)) {
+        if (!is_candidate(space, addr, size, value)) {
             count(C_UNWATCHED);
             return;
         }
@@ -287,6 +290,9 @@ static __always_inline int irq_interesting(u32 kind, u32 num)
     k.tgid = bpf_get_current_pid_tgid() >> 32;
     k.kind = kind;
     k.num = num;
+    if (irq_watch.lookup(&k))
+        return 1;
+    k.tgid = 0;     // tgid 0: watched for every VMM
     if (irq_watch.lookup(&k))
         return 1;
     count(C_UNINTERESTING_IRQ);
@@ -579,20 +585,30 @@ TRACEPOINT_PROBE(syscalls, sys_enter_ioctl)
     } else if (IOC_NR(cmd) == VHOST_VDPA_GET_STATUS_NR) {
         u64 pt = bpf_get_current_pid_tgid();
         struct inflight in = {.arg = args->arg, .fd = args->fd};
+        int slot = CFG_INFLIGHT;
+        u64 *n = config.lookup(&slot);
         if (inflight_ioctl.update(&pt, &in) != 0)
             count(C_INFLIGHT_FULL);
+        else if (n)
+            __sync_fetch_and_add(n, 1);
     }
     return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_ioctl)
 {
+    // every ioctl of the host ends here (KVM_RUN included): an array read decides cheaply
+    int slot = CFG_INFLIGHT;
+    u64 *n = config.lookup(&slot);
+    if (!n || *n == 0)
+        return 0;
     u64 pt = bpf_get_current_pid_tgid();
     struct inflight *in = inflight_ioctl.lookup(&pt);
     if (!in)
         return 0;
     u64 arg = in->arg, fd = in->fd;
     inflight_ioctl.delete(&pt);
+    __sync_fetch_and_add(n, -1);
     if (args->ret == 0)
         emit_vhost_status(OP_READ, fd, arg);
     return 0;

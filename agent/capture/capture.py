@@ -22,6 +22,7 @@ SOURCE = "capture.c"
 REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl")
 CFG_DISCOVERY_RATE = 0
 CFG_DISCOVERY_BURST = 1
+CFG_PIO_MIN_PORT = 2
 
 
 class CaptureError(RuntimeError):
@@ -48,6 +49,7 @@ class Capture:
 
     def __init__(self, hooks: Optional[Iterable[str]] = None, ringbuf_pages: int = 64, *,
                  discovery_rate: int = 200, discovery_burst: int = 64,
+                 pio_min_port: int = 0x1000,
                  raw_tracepoints: Optional[bool] = None, watch_entries: int = 4096,
                  candidate_entries: int = 4096, vm_entries: int = 1024,
                  irq_entries: int = 4096) -> None:
@@ -63,6 +65,7 @@ class Capture:
         self.ringbuf_pages = ringbuf_pages
         self.discovery_rate = discovery_rate
         self.discovery_burst = discovery_burst
+        self.pio_min_port = pio_min_port
         self.raw_tracepoints = raw_tracepoints
         self.sizes = {"WATCH_ENTRIES": watch_entries, "CAND_ENTRIES": candidate_entries,
                       "VM_ENTRIES": vm_entries, "IRQ_ENTRIES": irq_entries}
@@ -193,6 +196,7 @@ class Capture:
         cfg = self.bpf[b"config"]
         cfg[ctypes.c_int(CFG_DISCOVERY_RATE)] = ctypes.c_uint64(self.discovery_rate)
         cfg[ctypes.c_int(CFG_DISCOVERY_BURST)] = ctypes.c_uint64(self.discovery_burst)
+        cfg[ctypes.c_int(CFG_PIO_MIN_PORT)] = ctypes.c_uint64(self.pio_min_port)
 
     # ---- events ----------------------------------------------------------------------
     def _on_event(self, _ctx, data, size) -> None:

@@ -5,6 +5,8 @@ how lost events degrade the results.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Optional
@@ -14,11 +16,12 @@ from agent.events import (
     QueueNotify, Register, RegisterAccess, Space, VhostStatus, VmStarted,
 )
 from agent.model import (
-    DeviceView, EpisodeEnded, EpisodeStuck, Evidence, Output, Rule, Snapshot, Transport, Violation, VmIdentity,
-    WatchInterrupt, WatchRegister,
+    DeviceView, EpisodeEnded, EpisodeStuck, Evidence, Output, Rule, Snapshot, Transport,
+    Violation, VmIdentity, WatchInterrupt, WatchRegister,
 )
 from agent.correlate.config import CorrelatorConfig, DeviceHint
 from agent.correlate.device import DeviceState, copy_episode
+from agent.correlate.reorder import ReorderBuffer
 from agent.correlate.layout import (
     MMIO_ALIGN, MMIO_DEVICE_ID_OFFSET, MMIO_MAGIC_OFFSET, VIRTIO_MMIO_MAGIC, Layout, layout_for,
     looks_initialised, type_from_virtio_id,
@@ -62,8 +65,6 @@ class Correlator:
     """Feed events (any order within the reorder window); get outputs; take snapshots."""
 
     def __init__(self, config: CorrelatorConfig | None = None) -> None:
-        from agent.correlate.reorder import ReorderBuffer
-
         self.config = config or CorrelatorConfig()
         self._buffer = ReorderBuffer(self.config.reorder_window_ns)
         self._vms: dict[int, VmState] = {}
@@ -72,12 +73,22 @@ class Correlator:
         self._ended: Counter = Counter()          # outcome -> count
         self._evictions: Counter = Counter({"vm": 0, "device": 0})
         self._stats: Counter = Counter()
-        self._now = 0                             # newest processed (or ticked) time
+        self._exited: OrderedDict[int, int] = OrderedDict()  # pid -> exit ts (bounded)
+        # (due, seq, vm, dev[, episode]): bounded by the open episodes / pending windows, as
+        # stale entries are dropped when due (a stuck check is due at most stuck_after later)
+        self._stuck_due: list = []
+        self._notify_due: list = []
+        self._seq = itertools.count()
 
     # -- public API ------------------------------------------------------------------------
 
     def feed(self, event: Event) -> list[Output]:
         self._stats[f"events_{event.kind}"] += 1
+        exited = self._exited.get(event.pid)
+        if exited is not None and event.ts_ns <= exited and not isinstance(event, VmStarted):
+            # later than the reorder window and older than its VMM's exit: must not resurrect it
+            self._stats["events_after_exit"] += 1
+            return []
         self._buffer.push(event)
         return self._drain(self._buffer.horizon())
 
@@ -120,13 +131,11 @@ class Correlator:
     def _drain(self, upto: int | None, stuck_now: int | None = None) -> list[Output]:
         out: list[Output] = []
         for event in self._buffer.release(upto):
-            self._now = max(self._now, event.ts_ns)
             self._timers(event.ts_ns, event.ts_ns, out)
             self._apply(event, out)
         if upto is None:
             upto = self._buffer.released_ns
         if upto is not None:
-            self._now = max(self._now, upto)
             self._timers(stuck_now if stuck_now is not None else upto, upto, out)
         for o in out:
             if isinstance(o, Violation):
@@ -136,19 +145,40 @@ class Correlator:
         return out
 
     def _timers(self, now: int, horizon: int, out: list[Output]) -> None:
-        """Stuck episodes (at `now`) and expired notify windows (events up to `horizon` seen)."""
-        stuck_after = self.config.stuck_after_ns
-        for vm in self._vms.values():
-            for dev in vm.devices.values():
-                if dev.notify_deadline_ns is not None and horizon > dev.notify_deadline_ns:
-                    dev.notify_deadline_ns = None
-                    out.append(Violation(dev.notify_episode_start_ns, vm.identity, dev.id,
-                                         Rule.NEEDS_RESET_WITHOUT_NOTIFY,
-                                         "no config interrupt within the notify window"))
-                ep = dev.open_episode
-                if ep is not None and not ep.stuck and now - ep.start_ns >= stuck_after:
-                    ep.stuck = True
-                    out.append(EpisodeStuck(copy_episode(ep)))
+        """Stuck episodes (at `now`) and expired notify windows (events up to `horizon` seen).
+        Both are heaps of due times, checked lazily: entries whose episode or window is gone
+        are dropped when they come up."""
+        notify = self._notify_due
+        while notify and notify[0][0] < horizon:
+            due, _, vm, dev = heapq.heappop(notify)
+            if dev.notify_deadline_ns == due and vm.devices.get(dev.id) is dev:
+                dev.notify_deadline_ns = None
+                out.append(Violation(dev.notify_episode_start_ns, vm.identity, dev.id,
+                                     Rule.NEEDS_RESET_WITHOUT_NOTIFY,
+                                     "no config interrupt within the notify window"))
+        stuck = self._stuck_due
+        while stuck and stuck[0][0] <= now:
+            _, _, vm, dev, ep = heapq.heappop(stuck)
+            if dev.open_episode is ep and not ep.stuck and vm.devices.get(dev.id) is dev:
+                ep.stuck = True
+                out.append(EpisodeStuck(copy_episode(ep)))
+
+    def _arm(self, vm: VmState, dev: DeviceState) -> None:
+        """Schedule the stuck check of the episode just opened and its notify window, if any."""
+        ep = dev.open_episode
+        if ep is not None:
+            heapq.heappush(self._stuck_due, (ep.start_ns + self.config.stuck_after_ns,
+                                             next(self._seq), vm, dev, ep))
+        if dev.notify_deadline_ns is not None:
+            heapq.heappush(self._notify_due, (dev.notify_deadline_ns, next(self._seq), vm, dev))
+        limit = 2 * self.config.max_devices + 64
+        if len(self._stuck_due) > limit:   # many short episodes: drop the settled entries
+            self._stuck_due = [e for e in self._stuck_due
+                               if e[3].open_episode is e[4] and not e[4].stuck]
+            heapq.heapify(self._stuck_due)
+        if len(self._notify_due) > limit:
+            self._notify_due = [e for e in self._notify_due if e[3].notify_deadline_ns == e[0]]
+            heapq.heapify(self._notify_due)
 
     def _apply(self, ev: Event, out: list[Output]) -> None:
         if isinstance(ev, VmStarted):
@@ -158,6 +188,10 @@ class Correlator:
             vm = self._vms.get(ev.pid)
             if vm is not None:
                 self._remove_vm(vm, ev.ts_ns, out)
+            self._exited[ev.pid] = ev.ts_ns
+            self._exited.move_to_end(ev.pid)
+            if len(self._exited) > 4 * self.config.max_vms:
+                self._exited.popitem(last=False)
             return
         vm = self._vm(ev.pid, ev.ts_ns, out)
         vm.last_ts = ev.ts_ns
@@ -190,12 +224,17 @@ class Correlator:
             self._remove_vm(victim, ts, out)
         vm = VmState(identity=identity, fallback=fallback, last_ts=ts)
         self._vms[identity.pid] = vm
-        for hint in self.config.hints:
-            if hint.vm and hint.vm == identity.name and hint.transport:
-                self._confirm(vm, hint.space, hint.addr, None, ts, out, hint=hint)
+        self._apply_named_hints(vm, ts, out)
         return vm
 
+    def _apply_named_hints(self, vm: VmState, ts: int, out: list[Output]) -> None:
+        """Hints naming this VM (with a transport) are devices from the start."""
+        for hint in self.config.hints:
+            if hint.vm and hint.vm == vm.identity.name and hint.transport:
+                self._confirm(vm, hint.space, hint.addr, None, ts, out, hint=hint)
+
     def _vm_started(self, ev: VmStarted, out: list[Output]) -> None:
+        self._exited.pop(ev.pid, None)
         identity = VmIdentity(pid=ev.pid, start_time=ev.start_time, name=ev.name,
                               namespace=ev.namespace, uuid=ev.uuid, vmm=ev.vmm)
         vm = self._vms.get(ev.pid)
@@ -205,6 +244,7 @@ class Correlator:
             # the identity arrived after the first events of this process: adopt it
             self._rename(vm, identity)
             vm.last_ts = ev.ts_ns
+            self._apply_named_hints(vm, ev.ts_ns, out)
         else:
             # pid reuse: a different process now has this pid; the old VM is gone
             self._remove_vm(vm, ev.ts_ns, out)
@@ -279,13 +319,16 @@ class Correlator:
             out.append(WatchRegister(vm.identity.pid, space, reg_addr, reg))
         if hint is not None:
             if hint.config_vector is not None:
-                self._learn_vector(vm, dev, hint.config_vector, out)
+                self._learn_vector(vm, dev, hint.config_vector, out, trusted=True)
             if hint.gsi is not None:
                 self._learn_gsi(vm, dev, hint.gsi, out)
         return dev
 
-    def _learn_vector(self, vm: VmState, dev: DeviceState, vector: int, out: list[Output]) -> None:
+    def _learn_vector(self, vm: VmState, dev: DeviceState, vector: int, out: list[Output],
+                      trusted: bool = False) -> None:
         dev.config_vector = vector
+        dev.vector_trusted = trusted
+        dev.vector_sightings = 1
         vm.vectors[vector] = dev
         out.append(WatchInterrupt(vm.identity.pid, vector=vector))
 
@@ -309,15 +352,21 @@ class Correlator:
             dev = self._discover(vm, ev, out)
             if dev is None:
                 return
-            known = vm.regs[(ev.space, ev.addr)]
-            if known[1] != Register.STATUS:
-                return
+            known = vm.regs.get((ev.space, ev.addr))
+            if known is None or known[1] != Register.STATUS:
+                return   # (an other transport's device already owns this base)
         dev, reg = known
         dev.last_ts = ev.ts_ns
         if reg == Register.STATUS:
             self._status(vm, dev, ev, out)
-        elif reg == Register.ISR and ev.op == Op.READ and ev.value & ISR_CONFIG:
-            self._isr_config(vm, dev, ev.ts_ns, out)
+        elif reg == Register.ISR and ev.op == Op.READ:
+            if ev.repeats and dev.last_isr & ISR_CONFIG:
+                # capture folded identical reads of a config-change ISR: each was one more
+                # config interrupt (their times are unknown)
+                dev.config_interrupts_total += ev.repeats
+            dev.last_isr = ev.value
+            if ev.value & ISR_CONFIG:
+                self._isr_config(vm, dev, ev.ts_ns, out)
         elif reg == Register.MSIX_CONFIG and ev.op == Op.WRITE:
             dev.msix_config = ev.value
         # config_generation and InterruptACK: watched for completeness, no state
@@ -328,9 +377,10 @@ class Correlator:
             out.extend(dev.status_write(vm.identity, ev.ts_ns, value,
                                         self.config.max_reinit_values))
             return
-        prev_status = dev.status
+        prev_status, inferred = dev.status, dev.inferred_resets_total
         if dev.status_read(ev.ts_ns, value):
             self._start_from_read(vm, dev, ev.ts_ns, prev_status, out)
+        self._stats["inferred_resets"] += dev.inferred_resets_total - inferred
 
     def _start_from_read(self, vm: VmState, dev: DeviceState, ts: int,
                          prev_status: Optional[int], out: list[Output]) -> None:
@@ -349,14 +399,19 @@ class Correlator:
                     dev.status = status_then
                     irq = t
                     break
+        elif irq is not None and dev.config_vector is not None and not dev.vector_trusted:
+            dev.vector_sightings += 1
+            dev.vector_trusted = dev.vector_sightings >= 2
         if irq is not None:
             start, evidence = irq, Evidence.CONFIG_INTERRUPT
         dev.start_episode(vm.identity, start, evidence, guest_saw_ns=ts)
-        if evidence == Evidence.STATUS_READ and dev.config_irq_known:
+        if evidence == Evidence.STATUS_READ and dev.config_irq_trusted:
             dev.notify_deadline_ns = start + window
             dev.notify_episode_start_ns = start
+        self._arm(vm, dev)
 
-    def _discover(self, vm: VmState, ev: RegisterAccess, out: list[Output]) -> Optional[DeviceState]:
+    def _discover(self, vm: VmState, ev: RegisterAccess,
+                  out: list[Output]) -> Optional[DeviceState]:
         """Decide whether an unknown address is a status register; the device if it now is."""
         space, addr = ev.space, ev.addr
         hint = self._hint_for(vm, space, addr)
@@ -390,11 +445,12 @@ class Correlator:
                     dev.driver_bits = 1
                     dev.status = 1
                 return dev
-            if value == 0 or not (layout.aligned() and looks_initialised(value)):
+            if value == 0 or not (layout.aligned()
+                                  and looks_initialised(value, layout.transport)):
                 return None
         else:
             cand.last_read = value
-            if not (layout.aligned() and looks_initialised(value)):
+            if not (layout.aligned() and looks_initialised(value, layout.transport)):
                 return None
         # a running device first seen now (the agent started after the guest driver)
         return self._confirm(vm, space, addr, ev.size, ev.ts_ns, out)
@@ -453,3 +509,4 @@ class Correlator:
                                         self.config.max_reinit_values))
         elif dev.status_read(ev.ts_ns, value):
             dev.start_episode(vm.identity, ev.ts_ns, Evidence.VHOST, guest_saw_ns=None)
+            self._arm(vm, dev)

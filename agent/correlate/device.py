@@ -12,12 +12,25 @@ from typing import Optional
 
 from agent.events import DEVICE_NEEDS_RESET, DRIVER_OK, FAILED
 from agent.model import (
-    Episode, EpisodeEnded, Evidence, Outcome, Output, Rule, Violation, VmIdentity,
+    Episode, EpisodeEnded, Outcome, Output, Rule, Violation, VmIdentity,
 )
 from agent.correlate.layout import Layout
 
 INIT_BITS = 0x0F          # ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK
 DRIVER_BITS = INIT_BITS | FAILED
+
+
+MARKS = ("start_ns", "guest_saw_ns", "reset_written_ns", "reset_done_ns", "driver_ok_ns")
+
+
+def _set_mark(ep: Episode, name: str, ts: int) -> None:
+    """Set an episode mark unless a later one is already set. Late events (reordered beyond the
+    window) are applied out of order: the marks must stay ordered so no phase is negative."""
+    i = MARKS.index(name)
+    if any(getattr(ep, later) is not None for later in MARKS[i + 1:]):
+        return
+    earlier = [getattr(ep, m) for m in MARKS[:i]]
+    setattr(ep, name, max([ts] + [m for m in earlier if m is not None]))
 
 
 def copy_episode(ep: Episode) -> Episode:
@@ -42,9 +55,12 @@ class DeviceState:
     failed_total: int = 0
     config_interrupts_total: int = 0
     config_vector: Optional[int] = None   # APIC vector of the config interrupt, once learned
+    vector_trusted: bool = False          # hinted, or seen before two NEEDS_RESET reads
+    vector_sightings: int = 0
     gsi: Optional[int] = None             # INTx GSI, once learned
     msix_config: Optional[int] = None     # last msix_config / legacy config vector written
     last_config_irq_ns: Optional[int] = None
+    last_isr: int = 0                     # last ISR / InterruptStatus value read
     last_episode_end_ns: int = -1
     open_episode: Optional[Episode] = None
     notify_deadline_ns: Optional[int] = None  # the last episode waits for a config interrupt until
@@ -54,6 +70,13 @@ class DeviceState:
     @property
     def config_irq_known(self) -> bool:
         return self.config_vector is not None or self.gsi is not None
+
+    @property
+    def config_irq_trusted(self) -> bool:
+        """Sure enough of the config interrupt to judge the notification rules by it: a GSI
+        (ISR bit 1 says which interrupts are config changes) or a hinted / twice-seen vector.
+        A vector seen once could be a queue interrupt that happened to come first."""
+        return self.gsi is not None or (self.config_vector is not None and self.vector_trusted)
 
     @property
     def no_config_vector(self) -> bool:
@@ -70,7 +93,7 @@ class DeviceState:
             self.resets_total += 1
             self._reset()
             if ep is not None and ep.reset_written_ns is None:
-                ep.reset_written_ns = ts
+                _set_mark(ep, "reset_written_ns", ts)
             if self.notify_deadline_ns is not None:
                 # the reset clears NEEDS_RESET: a later config interrupt cannot be its notification
                 self.notify_deadline_ns = None
@@ -94,8 +117,8 @@ class DeviceState:
             if len(ep.reinit_values) < max_reinit:
                 ep.reinit_values.append(value)
             if value & DRIVER_OK and not value & FAILED:
-                ep.driver_ok_ns = ts
-                out.append(self._end(ts, Outcome.RECOVERED))
+                _set_mark(ep, "driver_ok_ns", ts)
+                out.append(self._end(ep.driver_ok_ns, Outcome.RECOVERED))
         return out
 
     def status_read(self, ts: int, value: int) -> bool:
@@ -107,14 +130,14 @@ class DeviceState:
             if ep is None:
                 return True
             if ep.guest_saw_ns is None:
-                ep.guest_saw_ns = ts
+                _set_mark(ep, "guest_saw_ns", ts)
         elif value == 0:
             if self.driver_bits:
                 # the device is reset but we saw no 0 written: lost event or a VM reset
                 self.inferred_resets_total += 1
                 self._reset()
             if ep is not None and ep.reset_done_ns is None:
-                ep.reset_done_ns = ts
+                _set_mark(ep, "reset_done_ns", ts)
         if self.driver_bits is None:
             self.driver_bits = value & DRIVER_BITS
             self.failed = bool(value & FAILED)
@@ -157,7 +180,7 @@ class DeviceState:
         out: list[Output] = []
         self.config_interrupts_total += 1
         self.last_config_irq_ns = ts
-        if self.status is not None and not self.status & DRIVER_OK:
+        if self.config_irq_trusted and self.status is not None and not self.status & DRIVER_OK:
             out.append(Violation(ts, vm, self.id, Rule.NOTIFY_BEFORE_DRIVER_OK,
                                  f"config interrupt with status 0x{self.status:02x}"))
         if self.notify_deadline_ns is not None:

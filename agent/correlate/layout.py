@@ -123,9 +123,12 @@ def plausible_status(value: int) -> bool:
     return 0 < value <= 0xFF and not value & RESERVED_STATUS_BITS
 
 
-def looks_initialised(value: int) -> bool:
-    """ACKNOWLEDGE|DRIVER|DRIVER_OK all set: a running device's status, seen on pickup."""
-    return plausible_status(value) and value & 0x07 == 0x07
+def looks_initialised(value: int, transport: str = "") -> bool:
+    """ACKNOWLEDGE|DRIVER|DRIVER_OK all set: a running device's status, seen on pickup. A modern
+    PCI driver must also have set FEATURES_OK (virtio 1.x 3.1.1)."""
+    if not (plausible_status(value) and value & 0x07 == 0x07):
+        return False
+    return transport != Transport.PCI_MODERN or bool(value & 0x08)
 
 
 # virtio device IDs (virtio 1.x 5) -> the `type` label vocabulary

@@ -209,7 +209,7 @@ const char *param_str(const char *key, const char *dflt)
 /* ---- TSC frequency ----
  * Preferred: the hypervisor timing leaf 0x40000010 (QEMU fills it with KVM's tsc_khz when
  * invtsc is exposed, e.g. -cpu host,migratable=no,+invtsc); then CPUID 0x15; else the PIT.
- * The PIT measurement is always taken too, and reported, as a cross-check. */
+ * pit_ms=N measures against the PIT as well (reported as a cross-check). */
 
 u64 tsc_hz_cpuid, tsc_hz_pit;
 const char *tsc_src = "none";
@@ -217,7 +217,11 @@ const char *tsc_src = "none";
 static u64 pit_calibrate(u32 ms)
 {
 	u32 latch = 1193182u * ms / 1000u;
+	if (!latch || latch > 0xffff)
+		return 0;
 	u8 v = inb(0x61);
+	if (v == 0xff)
+		return 0;	/* no PIT/port 0x61 (microvm without pit) */
 	outb(0x61, (u8)((v & ~0x02) | 0x01));	/* gate 2 on, speaker off */
 	outb(0x43, 0xb0);			/* channel 2, lo/hi, mode 0, binary */
 	outb(0x42, (u8)(latch & 0xff));
@@ -253,7 +257,9 @@ void tsc_calibrate(void)
 			}
 		}
 	}
-	tsc_hz_pit = pit_calibrate(param_u32("pit_ms", 20));
+	u32 pit_ms = param_u32("pit_ms", tsc_hz_cpuid ? 0 : 20);
+	if (pit_ms)
+		tsc_hz_pit = pit_calibrate(pit_ms);
 	u32 khz = param_u32("tsc_khz", 0);
 	if (khz) {
 		tsc_hz = (u64)khz * 1000;

@@ -158,13 +158,15 @@ void guest_main(u32 magic, u32 info)
 	const char *boot = "unknown";
 	serial_init();
 	u64 t_entry = rdtsc();
-	if (magic == 0x2badb002u) {
+	/* PVH: %ebx -> hvm_start_info (magic, ..., cmdline_paddr at +24); %eax is not defined
+	 * (QEMU's PVH option ROM leaves 0x2badb002 in it), so the start_info magic decides. */
+	if (info && mr32(info) == 0x336ec578u) {
+		boot = "pvh";
+		cmdline_set((const char *)mr32(info + 24));
+	} else if (magic == 0x2badb002u) {
 		boot = "multiboot";
 		if (mr32(info) & 4)
 			cmdline_set((const char *)mr32(info + 16));
-	} else if (mr32(info) == 0x336ec578u) {
-		boot = "pvh";
-		cmdline_set((const char *)mr32(info + 24));
 	}
 	tsc_calibrate();
 	puts_("VRA boot");
@@ -355,7 +357,8 @@ void guest_main(u32 magic, u32 info)
 
 	puts_("VRA done");
 	put_kv_str("scenario", scenario);
-	for (int i = 0; i < ndevs; i++) {
+	/* "linux" never reads status (that is the point of it) */
+	for (int i = 0; i < ndevs && !streq(scenario, "linux"); i++) {
 		puts_(" status");
 		put_dec((u64)i);
 		puts_("=");

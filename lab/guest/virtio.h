@@ -13,7 +13,7 @@ enum irq_mode { IRQ_MSIX, IRQ_INTX };
 #define S_FAILED 0x80
 
 #define MAX_DEVS 8
-#define MAX_QSIZE 128
+#define MAX_QSIZE 16
 
 struct vdev {
 	int idx;

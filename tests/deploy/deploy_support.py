@@ -115,7 +115,7 @@ def dashboard_exprs() -> dict[str, str]:
         board = json.loads(path.read_text())
         for panel in board["panels"]:
             for target in panel.get("targets", []):
-                out[f"{path.name} / {panel['title']} / {target['refId']}"] = expand_grafana(target["expr"])
+                out[f"{path.name} / panel {panel['id']} {panel['title']} / {target['refId']}"] = expand_grafana(target["expr"])
         for var in board["templating"]["list"]:
             if var["type"] != "query":
                 continue

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from agent import qmp  # noqa: E402
 from agent.events import Space  # noqa: E402
 from agent.vmm_probe import (  # noqa: E402
-    device_at, parse_pci, pci_device_for, pci_map, virtio_devices, virtio_status,
+    device_at, pci_device_for, pci_map, probe, virtio_devices, virtio_status,
 )
 
 # What the command line asks for: (-device driver, id, extra properties, virtio type, PCI kind).
@@ -55,6 +55,20 @@ def qemu_argv(sock: str) -> list[str]:
     return argv
 
 
+def wait_qmp(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Until QEMU accepts QMP on `path`: the socket file appears at bind(), before listen(),
+    and a connect in between is refused."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            qmp.query(path, "query-status", timeout=2)
+            return
+        except (qmp.QmpConnectError, qmp.QmpProtocolError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 class Qemu:
     def __init__(self, workdir: str):
         self.sock = os.path.join(workdir, "qmp.sock")
@@ -62,12 +76,11 @@ class Qemu:
         self.log = open(os.path.join(workdir, "qemu.log"), "w+")
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=self.log,
                                      stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"QEMU did not create its QMP socket: {self.output()}")
-            time.sleep(0.02)
+        try:
+            wait_qmp(self.sock, self.proc)
+        except qmp.QmpError as exc:
+            self.stop()
+            raise RuntimeError(f"QEMU's QMP socket is not usable ({exc}): {self.output()}")
 
     def output(self) -> str:
         self.log.seek(0)
@@ -301,10 +314,7 @@ def test_chardev_and_mon_form(kvm, tmp_path):
             "-mon", "chardev=qmp0,mode=control", "-device", "virtio-rng-pci,id=rng0"]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(sock):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+        wait_qmp(sock, proc)
         with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
             found = qmp.qmp_sockets_from_cmdline([a.decode() for a in f.read().split(b"\0") if a])
         assert found == [qmp.QmpSocket(sock, "-chardev", "qmp0")]
@@ -315,6 +325,61 @@ def test_chardev_and_mon_form(kvm, tmp_path):
     finally:
         proc.terminate()
         proc.wait(5)
+
+
+def test_relative_and_abstract_sockets(kvm, tmp_path):
+    """A relative path resolves through /proc/PID/cwd; an abstract socket is "\\0name"."""
+    name = f"vra-qmp-test-{os.getpid()}"
+    argv = ["qemu-system-x86_64", "-accel", "kvm", "-M", "q35", "-nodefaults", "-display", "none", "-S",
+            "-qmp", "unix:rel.sock,server=on,wait=off",
+            "-qmp", f"unix:{name},server=on,wait=off,abstract=on"]
+    proc = subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_qmp(str(tmp_path / "rel.sock"), proc)
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            found = qmp.qmp_sockets_from_cmdline([a.decode() for a in f.read().split(b"\0") if a])
+        assert found == [qmp.QmpSocket("rel.sock", "-qmp"),
+                         qmp.QmpSocket(name, "-qmp", abstract=True)]
+        for sock in found:
+            path = qmp.reachable_path(sock, proc.pid)
+            assert qmp.query(path, "query-status")["status"] == "prelaunch"
+    finally:
+        proc.terminate()
+        proc.wait(5)
+
+
+MICROVM = ["qemu-system-x86_64", "-accel", "kvm", "-M", "microvm", "-m", "64", "-nodefaults",
+           "-display", "none", "-S", "-device", "virtio-rng-device,id=rng0", "-device",
+           "virtio-net-device,netdev=n0", "-netdev", "hubport,id=n0,hubid=0"]
+
+
+def start_microvm(sock: str) -> subprocess.Popen:
+    proc = subprocess.Popen(MICROVM + ["-qmp", f"unix:{sock},server=on,wait=off"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_qmp(sock, proc)
+    return proc
+
+
+def test_microvm_virtio_mmio_devices(kvm, tmp_path):
+    """virtio-mmio devices are VirtIODevices themselves: path /machine/peripheral/ID, no PCI."""
+    sock = str(tmp_path / "m.sock")
+    proc = start_microvm(sock)
+    try:
+        result = probe(sock)
+    finally:
+        proc.terminate()
+        proc.wait(5)
+    assert result.pci == ()
+    by_name = {d.virtio.name: d for d in result.devices}
+    assert set(by_name) == {"virtio-rng", "virtio-net"}
+    assert by_name["virtio-rng"].virtio.path == "/machine/peripheral/rng0"
+    assert by_name["virtio-rng"].virtio.qdev_id == "rng0"
+    assert by_name["virtio-net"].virtio.qdev_id == ""
+    for d in result.devices:
+        assert d.pci is None
+        assert d.status.status == 0 and d.status.vm_running is False     # -S: not started
+        assert d.status.type == d.virtio.name.removeprefix("virtio-")
 
 
 # --- fixture capture ---------------------------------------------------------------------------
@@ -369,6 +434,25 @@ def capture(outdir: str) -> None:
     finally:
         q.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    sock = tempfile.mktemp(prefix="vra-microvm-", suffix=".sock")
+    proc = start_microvm(sock)
+    try:
+        with socket.socket(socket.AF_UNIX) as s, s.makefile("rwb") as f:
+            s.connect(sock)
+            f.readline()
+            for req in (b'{"execute": "qmp_capabilities"}\n', b'{"execute": "x-query-virtio"}\n'):
+                f.write(req)
+                f.flush()
+                line = f.readline()
+            Path(outdir, "x-query-virtio.microvm.json").write_bytes(line)
+        with open(Path(outdir, "CAPTURED.md"), "a") as out:
+            out.write("\nx-query-virtio.microvm.json: the same QEMU started as\n\n    "
+                      + " ".join(MICROVM) + " -qmp unix:QMP.sock,server=on,wait=off\n")
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        if os.path.exists(sock):
+            os.unlink(sock)
 
 
 if __name__ == "__main__":

@@ -347,3 +347,70 @@ def test_config_validation():
     with pytest.raises(ValueError, match="space"):
         DeviceHint("io", 0x10)
     Correlator(CorrelatorConfig(reorder_window_ns=0))
+
+
+def test_a_vector_seen_once_is_not_trusted_for_violations_until_seen_twice():
+    s = Script()
+    dev = s.vm(3, "x").device(Transport.PCI_MODERN, vector=0x50)
+    dev.init()
+    dev.needs_reset()             # teaches the vector (once)
+    dev.recover()
+    dev.write(0)                  # reset, then a config interrupt before DRIVER_OK
+    dev.config_interrupt()
+    dev.init()
+    dev.needs_reset()             # second sighting: now trusted
+    dev.recover()
+    dev.write(0)
+    dev.config_interrupt()
+    c, out = run(s.events)
+    assert violations(out) == [(dev.id, Rule.NOTIFY_BEFORE_DRIVER_OK)]
+    assert [e.evidence for e in ended(out)] == [Evidence.CONFIG_INTERRUPT] * 2
+
+
+def test_pickup_of_a_modern_device_needs_features_ok():
+    s = Script()
+    dev = s.vm(3).device(Transport.PCI_MODERN)
+    dev.access(E.Op.READ, 0x47)     # ACK|DRIVER|DRIVER_OK|NEEDS_RESET but no FEATURES_OK
+    c, out = run(s.events)
+    assert c.snapshot(s.t).devices == []
+    leg = s.vm(4).device(Transport.PCI_LEGACY, 0xC000)
+    leg.access(E.Op.READ, 0x47)     # legacy drivers have no FEATURES_OK
+    c, out = run(s.events)
+    [view] = c.snapshot(s.t).devices
+    assert view.device == "pio-0xc000" and view.needs_reset_total == 1
+
+
+def test_timer_queues_stay_bounded_with_many_short_episodes():
+    s = Script()
+    dev = s.vm(3, "x").device(Transport.PCI_MODERN, vector=0x50)
+    dev.init()
+    for _ in range(300):
+        dev.needs_reset(notify=False)
+        dev.recover()
+    c, out = run(s.events, CorrelatorConfig(max_devices=4, hints=(dev.hint(),)))
+    assert len(ended(out)) == 300
+    assert len(c._stuck_due) <= 2 * 4 + 64 + 1 and len(c._notify_due) <= 2 * 4 + 64 + 1
+
+
+def test_folded_isr_reads_still_count_config_interrupts():
+    s = Script()
+    dev = s.vm(9, "old").device(Transport.PCI_LEGACY, 0xC040, gsi=11)
+    dev.init()
+    dev.config_interrupt()
+    ts = s.step()
+    s.emit(E.RegisterAccess(ts, 9, 10, E.Space.PIO, E.Op.READ, dev.isr_addr, 1, 0x1, repeats=2))
+    c, _ = run(s.events)
+    assert c.snapshot(s.t).devices[0].config_interrupts_total == 3
+
+
+def test_named_hint_watches_from_the_start_even_after_a_rename():
+    s = Script()
+    s.emit(E.QueueNotify(s.step(), 8, 9, 0xFE003000))       # first sight: no identity yet
+    s.emit(E.VmStarted(s.step(), 8, 12, "hinted"))
+    hint = DeviceHint(E.Space.MMIO, 0xFEBF0014, transport=Transport.PCI_MODERN, type="net",
+                      vm="hinted", config_vector=0x33)
+    c, out = run(s.events, CorrelatorConfig(hints=(hint,)))
+    assert WatchRegister(8, E.Space.MMIO, 0xFEBF0014, E.Register.STATUS) in out
+    assert WatchInterrupt(8, vector=0x33) in out
+    [view] = c.snapshot(s.t).devices
+    assert (view.type, view.vm.name) == ("net", "hinted")

@@ -7,7 +7,7 @@ The tests at the bottom check the builder itself.
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 from agent import events as E

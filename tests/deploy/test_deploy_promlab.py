@@ -1,0 +1,142 @@
+"""Dashboards and alert rules against a real Prometheus that scraped the real agent (real BPF, real
+KVM, lab guests) while guests went through NEEDS_RESET episodes: recoveries on every transport,
+FAILED, spec violations, and one device left stuck.
+
+Every dashboard query must return data and every rule must evaluate without error; the stuck device
+must drive VirtioDeviceStuckNeedsReset to pending.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from deploy_support import ROOT, RULES_FILE, dashboard_exprs, rule_exprs, strict
+
+JOB = "virtio-recovery-agent"
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def _grafana_vars(expr: str) -> str:
+    """Template variables as 'All' (.*), the scrape job as the lab's."""
+    expr = expr.replace('job=~"$job"', f'job=~"{JOB}"')
+    return re.sub(r'=~"\$\w+"', '=~".*"', expr)
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"agent exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{url} not ready after {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+def _wait_query(prom, promql: str, timeout_s: float) -> list:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        result = prom.query(promql)
+        if result:
+            return result
+        time.sleep(0.5)
+    return []
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    from conftest import require_bpf
+
+    require_bpf()
+    sys.path.insert(0, str(ROOT / "tests"))
+    from promlab import PromLab
+
+    problem = PromLab.problem()
+    if problem:
+        (pytest.fail if strict() else pytest.skip)(problem)
+    from lab.harness import GuestSpec, LabVM, run
+
+    tmp = tmp_path_factory.mktemp("promlab")
+    stats_before = BPF_STATS.read_text().strip()
+    BPF_STATS.write_text("1")  # so the BPF run-time metrics (and their panels) exist
+    port = 19000 + os.getpid() % 1000
+    agent_log = tmp / "agent.log"
+    agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{port}",
+                              "--stuck-after", "1"], cwd=ROOT, stdout=open(agent_log, "wb"),
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    prom = None
+    stuck_vm = None
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/healthz", 90, agent, agent_log)
+        prom = PromLab([f"127.0.0.1:{port}"], job=JOB, scrape_interval="1s", rule_files=[RULES_FILE]).start()
+        prom.wait_for_target_up()
+        for spec in (GuestSpec(transport="modern", scenario="recover", devices=2, repeat=3),
+                     GuestSpec(transport="legacy", scenario="recover"),
+                     GuestSpec(transport="mmio", scenario="recover", repeat=2),
+                     GuestSpec(transport="modern", scenario="fail"),
+                     GuestSpec(transport="modern", scenario="bitclear"),
+                     GuestSpec(transport="modern", scenario="failreinit")):
+            run(spec, timeout=60, check=False)
+        # A guest that exits with its device stuck is an abandoned episode; one that stays is stuck.
+        run(GuestSpec(transport="modern", scenario="stuck", hold_ms=3000), timeout=60, check=False)
+        stuck_vm = LabVM.start(GuestSpec(transport="modern", scenario="stuck", hold_ms=120_000))
+        stuck = _wait_query(prom, "virtio_device_stuck == 1", 60)
+        assert stuck, f"no stuck device seen by Prometheus:\n{agent_log.read_text()[-4000:]}"
+        prom.wait_for_scrape()
+        prom.wait_for_scrape()
+        yield prom, stuck_vm, agent_log
+    finally:
+        if stuck_vm is not None:
+            stuck_vm.kill()
+        if prom is not None:
+            prom.stop()
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        BPF_STATS.write_text(stats_before)
+
+
+def test_every_dashboard_query_returns_data(lab):
+    prom, _, agent_log = lab
+    empty = []
+    for where, expr in dashboard_exprs().items():
+        if not prom.query(_grafana_vars(expr)):
+            empty.append(f"{where}: {expr}")
+    assert empty == [], "queries without data:\n" + "\n".join(empty)
+
+
+def test_every_rule_evaluates_without_error(lab):
+    prom, _, _ = lab
+    for name, expr in rule_exprs().items():
+        prom.query(expr)  # raises PromLabError on an evaluation error
+    rules = [r for g in prom.rules() for r in g["rules"]]
+    assert {r["name"] for r in rules} == set(rule_exprs())
+    assert [r["name"] for r in rules if r.get("health") != "ok"] == []
+
+
+def test_stuck_device_raises_the_alert(lab):
+    prom, stuck_vm, agent_log = lab
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        alerts = [a for a in prom.alerts() if a["labels"]["alertname"] == "VirtioDeviceStuckNeedsReset"]
+        if alerts:
+            break
+        time.sleep(0.5)
+    assert alerts, f"VirtioDeviceStuckNeedsReset not pending:\n{agent_log.read_text()[-3000:]}"
+    assert {a["state"] for a in alerts} <= {"pending", "firing"}
+    assert all(a["labels"]["severity"] == "critical" for a in alerts)

@@ -1,0 +1,167 @@
+"""End to end: a real Prometheus scrapes the real agent (BPF on KVM) while lab VMs fault and recover.
+
+The truth is what the lab guests measured themselves (TSC): how many NEEDS_RESET episodes each
+saw, and how long each took from its first read showing 0x40 to its DRIVER_OK write. The chain
+checked: guest truth == agent episode log (per episode, within a tolerance) and PromQL over the
+scraped series == the same counts; the histogram buckets == the agent's logged durations;
+`promtool check metrics` passes on the agent's real output.
+
+Other VMs on the host (parallel sessions) are told apart by name: per-device series are
+filtered by `vm`; the label-less histograms are compared with *all* recovered episodes of the
+agent's log, which names every VM.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from agent.demo import AgentProcess, match_episodes
+from agent.metrics import BUCKETS
+from tests.promlab import PromLab
+
+# agent vs guest recovery time: the host sees the same accesses the guest timed, so they agree
+# to within the cost of the guest's own rdtsc/logging around them.
+ABS_TOL_S = 0.0005
+REL_TOL = 0.02
+STUCK_AFTER_S = 1.0
+
+
+def specs():
+    from lab.harness import GuestSpec
+
+    def named(name, **kw):
+        return name, GuestSpec(extra_args=("-name", name), **kw)
+
+    return [
+        named("e2e-modern", transport="modern", scenario="recover", repeat=2, delay_ms=2),
+        named("e2e-modern-2dev", transport="modern", scenario="recover", devices=2, delay_ms=15),
+        named("e2e-mmio", transport="mmio", scenario="recover", delay_ms=40),
+        # lives > 2 scrape intervals: its per-device series must be scraped while it runs
+        named("e2e-slow", transport="modern", scenario="recover", repeat=3, delay_ms=700),
+    ]
+
+
+@pytest.fixture
+def agent(bpf, kvm):
+    problem = PromLab.problem()
+    if problem:
+        pytest.fail(problem)  # setup-host installs prometheus: missing is a broken setup
+    with AgentProcess(stuck_after_s=STUCK_AFTER_S) as a:
+        yield a
+
+
+def test_prometheus_sees_what_the_guests_measured(agent):
+    from lab.harness import GuestSpec, LabVM
+
+    results = {}
+    with PromLab([agent.target], scrape_interval="1s") as prom:
+        prom.wait_for_target_up()
+        stuck_name = "e2e-stuck"
+        stuck_vm = LabVM.start(GuestSpec(transport="modern", scenario="stuck", hold_ms=3000,
+                                         extra_args=("-name", stuck_name)))
+        try:
+            for name, spec in specs():
+                with LabVM.start(spec) as vm:
+                    results[name] = vm.wait(30).raise_for_error()
+            # the stuck guest must be seen stuck by Prometheus while it holds
+            prom.wait_for(f'max(virtio_device_stuck{{vm="{stuck_name}"}})',
+                          lambda v: v == 1, timeout_s=10)
+            results[stuck_name] = stuck_vm.wait(30).raise_for_error()
+        finally:
+            stuck_vm.kill()
+        time.sleep(0.5)  # reorder window + tick
+        prom.wait_for_scrape()
+        prom.wait_for_scrape()
+        text = agent.metrics_text()
+        records = agent.records()
+
+        # -- guest truth vs agent episode log, per episode ------------------------------------
+        rows = []
+        for name, _ in specs():
+            rows += match_episodes(name, results[name], records)
+        stuck_rows = match_episodes(stuck_name, results[stuck_name], records)
+        table = "\n".join(map(str, rows + stuck_rows))
+        expected_recovered = sum(len(r.episodes) for n, r in results.items() if n != stuck_name)
+        assert len(rows) == expected_recovered >= 4, table
+        for row in rows:
+            assert row.guest_s is not None, f"guest did not recover: {row}"
+            assert row.outcome == "recovered", table
+            assert abs(row.agent_s - row.guest_s) <= ABS_TOL_S + REL_TOL * row.guest_s, table
+        assert [r.outcome for r in stuck_rows] == ["abandoned"], table
+        stuck_logged = [r["outcome"] for r in records if r["vm"] == stuck_name]
+        assert stuck_logged == ["stuck", "abandoned"], stuck_logged
+
+        # -- PromQL per VM ---------------------------------------------------------------------
+        # A VM's device series exist while it runs (they go when it exits), so a scrape sees
+        # the counts up to its last scrape: never more than the guest's, and the VMs that
+        # live long enough (the stuck one, e2e-slow) are seen.
+        def per_vm(metric):
+            return {m["vm"]: v for m, v in prom.query(
+                f'sum by (vm) (max_over_time({metric}{{vm=~"e2e-.*"}}[10m]))')}
+
+        guest_faults = {n: sum(e.needs_reset_ns is not None for e in r.episodes)
+                        for n, r in results.items()}
+        guest_recoveries = {n: sum(e.driver_ok_ns is not None for e in r.episodes)
+                            for n, r in results.items()}
+        seen_faults = per_vm("virtio_device_needs_reset_total")
+        seen_recoveries = per_vm("virtio_device_recoveries_total")
+        for vm, v in seen_faults.items():
+            assert v <= guest_faults[vm], (vm, seen_faults, guest_faults)
+        for vm, v in seen_recoveries.items():
+            assert v <= guest_recoveries[vm], (vm, seen_recoveries, guest_recoveries)
+        assert seen_faults[stuck_name] == 1
+        assert seen_faults["e2e-slow"] >= 2 and seen_recoveries["e2e-slow"] >= 1, seen_faults
+        assert prom.query_value(
+            f'max_over_time(virtio_device_stuck{{vm="{stuck_name}"}}[10m])') == 1
+
+        # -- label-less series: the guests' episodes plus those of any other VM on the host ---
+        mine = {n for n in results}
+        foreign = [r for r in records if r["vm"] not in mine]
+        foreign_recovered = sum(r["outcome"] == "recovered" for r in foreign)
+        foreign_abandoned = sum(r["outcome"] == "abandoned" for r in foreign)
+        assert prom.query_value('virtio_episodes_ended_total{outcome="recovered"}') == \
+            sum(guest_recoveries.values()) + foreign_recovered
+        assert prom.query_value('virtio_episodes_ended_total{outcome="abandoned"}') == \
+            1 + foreign_abandoned
+        recovered = [r["recovery_seconds"] for r in records if r["outcome"] == "recovered"]
+        assert len(recovered) == sum(guest_recoveries.values()) + foreign_recovered
+        assert prom.query_value("sum(virtio_recovery_duration_seconds_count)") == len(recovered)
+        assert prom.query_value("sum(virtio_recovery_duration_seconds_sum)") == \
+            pytest.approx(sum(recovered), rel=1e-6)
+        buckets = {float(m["le"]): v for m, v in prom.query(
+            "sum by (le) (virtio_recovery_duration_seconds_bucket)")}
+        for le in BUCKETS:
+            assert buckets[float(le)] == sum(1 for s in recovered if s <= le), le
+        assert buckets[float("inf")] == len(recovered)
+        if not foreign:  # CI: nothing else runs VMs; the histogram is the guests' own
+            guest_times = [row.guest_s for row in rows]
+            assert prom.query_value("sum(virtio_recovery_duration_seconds_sum)") == \
+                pytest.approx(sum(guest_times), abs=len(rows) * ABS_TOL_S, rel=REL_TOL)
+
+        # -- the guests' own durations land in the same buckets (away from bucket edges) ------
+        for row in rows:
+            g = row.guest_s
+            margin = ABS_TOL_S + REL_TOL * g
+            for le in BUCKETS:
+                if abs(g - le) > margin:
+                    assert (row.agent_s <= le) == (g <= le), (row, le)
+
+        median = prom.query_value("histogram_quantile(0.5, sum by (le) "
+                                  "(virtio_recovery_duration_seconds_bucket))")
+        assert median is not None and 0 < median <= max(recovered)
+
+        # self-metrics
+        assert prom.query_value('virtio_agent_hook_attached{hook="mmio"}') == 1
+        assert prom.query_value('sum(virtio_agent_events_total{kind="access"})') > 0
+        assert prom.query_value('sum(virtio_agent_events_lost_total)') is not None
+
+    # -- the exposition itself -----------------------------------------------------------------
+    if shutil.which("promtool"):
+        proc = subprocess.run(["promtool", "check", "metrics"], input=text, text=True,
+                              capture_output=True, timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert agent.stop() == 0, agent.stderr_tail()
+    assert not agent.errors_logged(), agent.errors_logged()[:3]
