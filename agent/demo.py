@@ -45,8 +45,14 @@ class AgentProcess:
     """`python -m agent run` on a loopback port; stdout (the episode log) goes to a file."""
 
     def __init__(self, stuck_after_s: float = 60.0, extra_args: Sequence[str] = (),
-                 port: Optional[int] = None) -> None:
+                 port: Optional[int] = None, tls_ca: Optional[str] = None) -> None:
+        """tls_ca: the agent serves HTTPS (pass --tls-cert/--tls-key in extra_args); trust this."""
         self.port = port or free_port()
+        self._ssl = None
+        if tls_ca:
+            import ssl
+
+            self._ssl = ssl.create_default_context(cafile=tls_ca)
         self.stuck_after_s = stuck_after_s
         self.extra_args = list(extra_args)
         self._tmp = tempfile.TemporaryDirectory(prefix="vra-agent-")
@@ -57,7 +63,7 @@ class AgentProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self._ssl else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def target(self) -> str:
@@ -78,7 +84,8 @@ class AgentProcess:
                 raise AgentProcessError(f"agent exited with {self.proc.returncode}: "
                                         f"{self.stderr_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=2) as r:
+                with urllib.request.urlopen(self.url + "/healthz", timeout=2,
+                                            context=self._ssl) as r:
                     if r.status == 200:
                         return self
             except urllib.error.HTTPError as exc:
@@ -91,7 +98,8 @@ class AgentProcess:
                                 f"{self.stderr_tail()}")
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10,
+                                    context=self._ssl) as r:
             return r.read().decode()
 
     def records(self) -> list[dict]:

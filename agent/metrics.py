@@ -40,7 +40,7 @@ TRANSPORTS = frozenset({
 })
 FILTER_REASONS = ("repeat", "unwatched", "uninteresting_irq", "rate_limited", "unsatisfied_read")
 LOST_REASONS = ("ringbuf_full", "decode_error", "candidate_map_full", "watch_map_full",
-                "kernel_read_error", "user_read_error", "correlation_error")
+                "kernel_read_error", "user_read_error", "correlation_error", "poll_error")
 ENDED_OUTCOMES = (Outcome.RECOVERED, Outcome.ABANDONED)
 
 

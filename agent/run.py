@@ -105,6 +105,9 @@ def _hooks(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown hook famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
             f"known: all, {', '.join(known_hooks())}")
+    if not {"mmio", "pio"} & set(names):
+        raise argparse.ArgumentTypeError(
+            "the list needs mmio or pio (or both): status registers are seen through them")
     return ",".join(names)
 
 
@@ -176,6 +179,7 @@ class LoopCounters:
     events: collections.Counter = field(default_factory=collections.Counter)
     correlation_errors: int = 0
     output_errors: int = 0
+    poll_errors: int = 0
     loops: int = 0
     last_loop_monotonic: float = field(default_factory=time.monotonic)
 
@@ -215,9 +219,11 @@ class Agent:
         with self._lock:
             events = dict(self.counters.events)
             correlation_errors = self.counters.correlation_errors + self.counters.output_errors
+            poll_errors = self.counters.poll_errors
             s = self_stats_from_capture(self.capture)
         s.events = events
         s.lost["correlation_error"] = s.lost.get("correlation_error", 0) + correlation_errors
+        s.lost["poll_error"] = s.lost.get("poll_error", 0) + poll_errors
         return s
 
     def health(self) -> tuple[bool, str]:
@@ -446,7 +452,7 @@ def main(args: argparse.Namespace) -> int:
                 agent.step()
             except Exception:
                 # poll itself failing (not one event): count, back off, keep serving
-                agent.counters.correlation_errors += 1
+                agent.counters.poll_errors += 1
                 log.exception("event loop iteration failed")
                 stop.wait(1.0)
         return 0

@@ -7,9 +7,9 @@
 
 See docs/capture.md.
 """
-from .capture import Capture, CaptureError, bpf_dir
+from .capture import Capture, CaptureError, RegisterState, bpf_dir
 from .hooks import FAMILIES, HookStatus
 from .stats import CaptureStats, MapFill, ProgramStats
 
 __all__ = ["Capture", "CaptureError", "CaptureStats", "FAMILIES", "HookStatus", "MapFill",
-           "ProgramStats", "bpf_dir"]
+           "ProgramStats", "RegisterState", "bpf_dir"]

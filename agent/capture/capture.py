@@ -5,6 +5,7 @@ import ctypes
 import errno
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -27,6 +28,15 @@ CFG_PIO_MIN_PORT = 2
 
 class CaptureError(RuntimeError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterState:
+    register: int
+    valid: bool
+    last: int
+    op: str
+    repeats: int
 
 
 def bpf_dir() -> Path:
@@ -78,6 +88,7 @@ class Capture:
         # mirror of what we put in watch / irq_watch, per pid, to clean up on ProcessExit
         self._watched: dict[int, set] = {}
         self._irqs: dict[int, set] = {}
+        self._exited: list[int] = []
 
     # ---- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> "Capture":
@@ -212,14 +223,16 @@ class Capture:
         """Events available now (waiting up to timeout_ms for the first), sorted by ts."""
         if self.bpf is None:
             raise CaptureError("capture is not started (or failed to load): call start()")
+        # watches of VMMs that exited are dropped one poll late, so that a caller can still
+        # read their final state (register_state) after seeing the ProcessExit
+        for pid in self._exited:
+            self._forget(pid)
         self._batch = []
         self.bpf.ring_buffer_poll(timeout_ms)
         batch, self._batch = self._batch, []
         batch.sort(key=lambda e: e.ts_ns)
         self._delivered += len(batch)
-        for ev in batch:
-            if isinstance(ev, ProcessExit):
-                self._forget(ev.pid)
+        self._exited = [ev.pid for ev in batch if isinstance(ev, ProcessExit)]
         return batch
 
     # ---- watch maps ------------------------------------------------------------------
@@ -257,7 +270,8 @@ class Capture:
         ckey = cands.Key(key.tgid, key.space, key.addr)
         cand = cands.get(ckey)
         if cand is not None:
-            val.st = cand
+            for name in ("last", "repeats", "op", "valid"):
+                setattr(val.st, name, getattr(cand, name))
         try:
             watch[key] = val
         except Exception as exc:
@@ -271,6 +285,17 @@ class Capture:
                 pass
         self._watched.setdefault(req.pid, set()).add(ident)
         return True
+
+    def register_state(self, pid: int, space: str, addr: int) -> Optional[RegisterState]:
+        """What the kernel keeps for a watched register: last forwarded value and op, and
+        the identical accesses folded since (not yet carried by an event)."""
+        if self.bpf is None:
+            raise CaptureError("capture is not started")
+        val = self.bpf[b"watch"].get(self._reg_key(pid, space, addr))
+        if val is None:
+            return None
+        return RegisterState(register=val.reg, valid=bool(val.st.valid), last=val.st.last,
+                             op=dec.OPS.get(val.st.op, "?"), repeats=val.st.repeats)
 
     def watch_interrupt(self, req: WatchInterrupt) -> bool:
         if self.bpf is None:

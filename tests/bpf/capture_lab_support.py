@@ -16,6 +16,7 @@ class CapturedRun:
     events: list[Event]           # this VM's events, in the order poll() returned them
     counters_before: dict[str, int]
     counters_after: dict[str, int]
+    final_state: dict[tuple[str, int], object]   # watched (space, addr) -> RegisterState at exit
 
     def delta(self, counter: str) -> int:
         return self.counters_after[counter] - self.counters_before[counter]
@@ -48,17 +49,26 @@ def run_captured(cap, spec: GuestSpec, watch: list[DeviceInfo] = (), timeout: fl
     events: list[Event] = []
     try:
         deadline = time.monotonic() + timeout
-        while vm.proc.poll() is None and time.monotonic() < deadline:
+        while vm.proc.poll() is None and time.monotonic() < deadline and not _exited(events, vm.pid):
             events += cap.poll(50)
         result = vm.wait(timeout=max(0.1, deadline - time.monotonic()))
     finally:
         vm.kill()
     end = time.monotonic() + exit_wait
+    final = {}
     while time.monotonic() < end:
-        events += cap.poll(50)
-        if any(isinstance(e, ProcessExit) and e.pid == vm.pid for e in events):
+        # the pid's watches are still in the maps right after poll() returns its ProcessExit
+        if _exited(events, vm.pid):
             break
+        events += cap.poll(50)
+    for dev in watch:
+        final[(dev.space, dev.status_addr)] = cap.register_state(vm.pid, dev.space,
+                                                                 dev.status_addr)
     after = cap.counters()
     return CapturedRun(result=result.raise_for_error(), pid=vm.pid,
                        events=[e for e in events if e.pid == vm.pid],
-                       counters_before=before, counters_after=after)
+                       counters_before=before, counters_after=after, final_state=final)
+
+
+def _exited(events: list[Event], pid: int) -> bool:
+    return any(isinstance(e, ProcessExit) and e.pid == pid for e in events)

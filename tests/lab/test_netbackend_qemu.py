@@ -326,3 +326,26 @@ def test_outage_meter_over_episodes_including_a_vm_that_exits(netns, qemus, tmp_
         assert meter.start("episode-4", os.getpid()) == 0 and meter.no_backend == 1
     finally:
         meter.close()
+
+
+def test_link_watcher_reports_every_event_but_keeps_a_bounded_table(netns):
+    from agent.netbackend import open_iproute
+
+    ns, ns_path = netns
+    with LinkWatcher(ns_path, max_links=2, max_events=3) as watcher:
+        assert [link.ifname for link in watcher.links.values()] == ["lo"]
+        with open_iproute(ns_path) as ipr:
+            for i in range(2):
+                ipr.link("add", ifname=f"vrab{i}", kind="veth", peer=f"vrac{i}")
+        events = []
+        deadline = time.monotonic() + 5
+        while len(events) < 4 and time.monotonic() < deadline:
+            select.select([watcher], [], [], 0.2)
+            batch = watcher.poll()
+            assert len(batch) <= 3
+            events += batch
+        added = {e.link.ifname for e in events if e.action == LinkAction.ADDED}
+        assert added == {"vrab0", "vrac0", "vrab1", "vrac1"}, events
+        assert len(watcher.links) == 2
+        assert watcher.links_over_limit >= 3
+        assert all(e.link.kind == "veth" for e in events)

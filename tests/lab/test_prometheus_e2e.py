@@ -165,3 +165,56 @@ def test_prometheus_sees_what_the_guests_measured(agent):
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert agent.stop() == 0, agent.stderr_tail()
     assert not agent.errors_logged(), agent.errors_logged()[:3]
+
+
+def test_bpf_run_time_is_exported_while_kernel_stats_are_on(agent):
+    """virtio_agent_bpf_run_* appear with kernel.bpf_stats_enabled=1 (restored afterwards)."""
+    from lab.harness import GuestSpec, run as run_vm
+    from prometheus_client.parser import text_string_to_metric_families
+
+    knob = "/proc/sys/kernel/bpf_stats_enabled"
+    with open(knob) as f:
+        before = f.read().strip()
+
+    def samples(name):
+        return [s for fam in text_string_to_metric_families(agent.metrics_text())
+                for s in fam.samples if s.name == name]
+
+    if before != "1":
+        assert samples("virtio_agent_bpf_run_count_total") == []  # absent, not zero
+    try:
+        with open(knob, "w") as f:
+            f.write("1")
+        run_vm(GuestSpec(transport="modern", scenario="init", extra_args=("-name", "e2e-stats")))
+        counts = {s.labels["prog"]: s.value for s in samples("virtio_agent_bpf_run_count_total")}
+        times = {s.labels["prog"]: s.value for s in samples("virtio_agent_bpf_run_time_seconds_total")}
+    finally:
+        with open(knob, "w") as f:
+            f.write(before)
+    assert counts and set(counts) == set(times)
+    assert sum(counts.values()) > 0 and sum(times.values()) > 0
+    busiest = max(counts, key=counts.get)
+    print(f"busiest BPF program {busiest}: {counts[busiest]:.0f} runs, "
+          f"{times[busiest] / counts[busiest] * 1e9:.0f} ns/run")
+
+
+def test_run_over_tls_and_sigint(bpf, tmp_path):
+    """`run --tls-cert/--tls-key`: /healthz and /metrics over HTTPS; SIGINT exits 0."""
+    import signal
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not installed")
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    a = AgentProcess(extra_args=["--tls-cert", str(cert), "--tls-key", str(key)],
+                     tls_ca=str(cert))
+    try:
+        a.start()
+        assert a.url.startswith("https://")
+        assert "virtio_agent_build_info" in a.metrics_text()
+        a.proc.send_signal(signal.SIGINT)
+        assert a.proc.wait(timeout=20) == 0, a.stderr_tail()
+    finally:
+        a.close()

@@ -56,6 +56,7 @@ def test_env_vars_set_defaults_and_flags_win(monkeypatch):
     (["--log-format", "xml"], "json, text"),
     (["--hooks", "mmio,teleport"], "unknown hook family teleport"),
     (["--max-devices", "-1"], "positive"),
+    (["--hooks", "msi,apic"], "needs mmio or pio"),
 ])
 def test_bad_flags_exit_2_with_a_reason(argv, fragment, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
