@@ -4,14 +4,14 @@
 # Override it where no registry is reachable, e.g. with scripts/build-base-image:
 #   podman build --build-arg BASE_IMAGE=localhost/vra-base:bookworm -t virtio-recovery-agent .
 #
-# Runtime needs (see docs/deploy.md; deploy/daemonset.yaml does all of this):
+# Runtime needs (see docs/deploy.md; deploy/base/daemonset.yaml does all of this):
 #   - the host PID namespace (--pid=host / hostPID): BPF reports host PIDs, VM identity is read
 #     from /proc/<pid> of the host;
 #   - tracefs at /sys/kernel/tracing (or debugfs at /sys/kernel/debug on old kernels), read-only;
 #   - /lib/modules and /usr/src of the host, read-only: BCC compiles bpf/*.c at start-up against
 #     the running kernel's headers (or needs CONFIG_IKHEADERS, /sys/kernel/kheaders.tar.xz);
-#   - uid 0 with CAP_BPF, CAP_PERFMON, CAP_SYS_RESOURCE, CAP_SYS_PTRACE, CAP_DAC_READ_SEARCH
-#     (kernel >= 5.8), or --privileged on older kernels.
+#   - uid 0 with CAP_BPF, CAP_PERFMON (kernel >= 5.8) and CAP_SYS_RESOURCE (memlock, kernel < 5.11),
+#     seccomp unconfined; or --privileged on older kernels.
 # It runs as uid 0 on purpose: Kubernetes cannot grant ambient capabilities, so a non-root uid
 # would not have the capabilities the DaemonSet adds. Everything else is locked down there
 # (all other capabilities dropped, read-only root filesystem, no privilege escalation).

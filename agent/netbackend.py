@@ -4,14 +4,15 @@ A VMM process holds its tap backends as open file descriptors:
 
 * a tun/tap interface: an fd on /dev/net/tun; the kernel prints the interface name as the
   `iff:` line of /proc/PID/fdinfo/FD (tun_chr_show_fdinfo; empty when the queue is detached);
-* a macvtap/ipvtap interface: an fd on the character device /dev/tapN (/dev/ipvtapN),
-  where N is the interface's ifindex.
+* a macvtap/ipvtap interface: an fd on the character device /dev/tapN, where N is the
+  interface's ifindex.
 
 `TapMap` parses /proc (injectable root, for fixtures) and resolves names/indexes against the
 links of the VMM's network namespace (`LinkTable`, read over rtnetlink with pyroute2).
 `LinkStatsReader.snapshot()` reads IFLA_STATS64 of one interface; `diff()` of two snapshots
-(taken at a NEEDS_RESET episode's start and end) is the episode's `OutageImpact`.
-See docs/network.md for what the counters mean and their limits.
+(taken at a NEEDS_RESET episode's start and end) is the episode's `OutageImpact`;
+`OutageMeter` does both per episode. `nic_backends()` asks QEMU (QMP) which tap backs which
+virtio-net device. See docs/network.md for what the counters mean and their limits.
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Callable, Collection, Iterable, Optional
 
 TUN_DEVICE = "/dev/net/tun"
-_CHARDEV_TAP = re.compile(r"^/dev/(tap|ipvtap)(\d+)$")
+_CHARDEV_TAP = re.compile(r"^/dev/tap(\d+)$")     # macvtap and ipvtap both name it tap<ifindex>
 _IFF_LINE = re.compile(r"^iff:\t(.*)$", re.MULTILINE)
 IFNAMSIZ = 16
 
@@ -66,7 +67,7 @@ class TapBackend:
     ifindex: Optional[int]   # None when the name could not be resolved in the VMM's netns
     kind: str                # LinkInfo.kind when resolved; "unresolved" otherwise
     fd: int                  # the VMM's fd (a multiqueue tap shows once per queue fd)
-    device: str              # /dev/net/tun, /dev/tapN or /dev/ipvtapN
+    device: str              # /dev/net/tun or /dev/tapN
 
     @property
     def resolved(self) -> bool:
@@ -168,7 +169,7 @@ class TapMap:
                 continue
             m = _CHARDEV_TAP.match(target)
             if m:
-                found.append((fd, target, None, int(m.group(2))))
+                found.append((fd, target, None, int(m.group(1))))
         if not found:
             return []
         table = self._links(pid)
@@ -322,14 +323,16 @@ class OutageMeter:
     def __len__(self) -> int:
         return len(self._open)
 
-    def start(self, key: object, pid: int) -> int:
-        """Snapshot the backends of `pid` for episode `key`; returns how many were taken."""
+    def start(self, key: object, pid: int, ifnames: Optional[Collection[str]] = None) -> int:
+        """Snapshot the backends of `pid` for episode `key` (only those named in `ifnames`, e.g.
+        the taps of the NIC in the episode, see NicBackend); returns how many were taken."""
         if key in self._open:
             raise ValueError(f"episode {key!r} already started")
         if len(self._open) >= self.max_open:
             self.refused += 1
             return 0
-        backends = [b for b in self.tapmap.taps_of(pid) if b.resolved]
+        backends = [b for b in self.tapmap.taps_of(pid)
+                    if b.resolved and (ifnames is None or b.ifname in ifnames)]
         indexes = sorted({b.ifindex for b in backends})   # a multiqueue tap once
         if not indexes:
             self.no_backend += 1
@@ -395,3 +398,70 @@ def _netns_of_fd(fd: int) -> Optional[str]:
     if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
         return None
     return f"/proc/self/fd/{fd}"
+
+
+# --- which virtio-net device a tap backs (QMP) ---------------------------------------------------
+#
+# /proc says which taps a VMM holds, not which NIC each one backs. QEMU knows: the NIC's QOM
+# object has a `netdev` property, and HMP `info network` prints each netdev's type and how the
+# tap was given (ifname=NAME when QEMU opened it, fd=N when it was passed in, as libvirt does).
+
+_INFO_PEER = re.compile(r"^ \\ ([^:]+): index=(\d+),type=([^,]+),?(.*)$")
+
+
+@dataclass(frozen=True, slots=True)
+class Netdev:
+    id: str
+    type: str                  # "tap", "user", "vhost-user", "bridge", "socket", ...
+    ifname: str                # ifname=NAME of a tap QEMU opened itself; "" otherwise
+    fds: tuple[int, ...]       # fd=N of every queue of a tap that was passed in
+
+
+def parse_info_network(text: str) -> dict[str, Netdev]:
+    """Netdevs that are the peer of a NIC, from HMP `info network` (QEMU 7.2 format)."""
+    acc: dict[str, tuple[str, str, list[int]]] = {}
+    for line in text.splitlines():
+        m = _INFO_PEER.match(line.rstrip("\r"))
+        if not m:
+            continue
+        nid, _index, ntype, rest = m.groups()
+        params = dict(p.split("=", 1) for p in rest.split(",") if "=" in p)
+        ifname, fds = acc.setdefault(nid, (ntype, params.get("ifname", ""), []))[1:]
+        if "fd" in params:
+            if not params["fd"].isdigit():
+                raise ValueError(f"info network: bad fd in {line!r}")
+            fds.append(int(params["fd"]))
+    return {nid: Netdev(nid, ntype, ifname, tuple(sorted(set(fds))))
+            for nid, (ntype, ifname, fds) in acc.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class NicBackend:
+    virtio_path: str           # the virtio-net device's QOM path (as x-query-virtio lists it)
+    netdev: Optional[Netdev]   # None: the NIC has no backend
+
+    def taps(self, taps: list[TapBackend]) -> list[TapBackend]:
+        """The entries of TapMap.taps_of(pid) that back this NIC."""
+        nd = self.netdev
+        if nd is None or nd.type != "tap":
+            return []
+        if nd.ifname:
+            return [t for t in taps if t.device == TUN_DEVICE and t.ifname == nd.ifname]
+        return [t for t in taps if t.fd in nd.fds]
+
+
+def nic_backends(client) -> list[NicBackend]:
+    """Backends of every virtio-net device of the VM behind `client` (agent.qmp.QmpClient)."""
+    from agent.vmm_probe import virtio_devices
+
+    netdevs = parse_info_network(
+        client.execute("human-monitor-command", {"command-line": "info network"}))
+    out = []
+    for vdev in virtio_devices(client):
+        if vdev.name != "virtio-net":
+            continue
+        # virtio-pci: the netdev property is on the PCI proxy, the parent of virtio-backend
+        owner = vdev.path.removesuffix("/virtio-backend")
+        netdev_id = client.execute("qom-get", {"path": owner, "property": "netdev"})
+        out.append(NicBackend(vdev.path, netdevs.get(netdev_id) if netdev_id else None))
+    return out

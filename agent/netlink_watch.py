@@ -5,7 +5,9 @@ readable call `poll()`, which returns the LinkEvents decoded since the last call
 `max_events`; the rest stay in the socket for the next call). The watcher keeps a table of
 the links it knows, bounded by `max_links` (links beyond the bound are counted, not kept).
 If the kernel had to drop notifications (ENOBUFS: the socket buffer overflowed), the table
-is re-read from a dump and `overruns` counts it; events lost in between are not invented.
+is re-read from a dump, `overruns` counts it, and the links that appeared or disappeared
+meanwhile are reported as events with `resync=True` (a link created and removed in between,
+or a change of a link, is lost).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ class LinkEvent:
     ts_ns: int               # CLOCK_MONOTONIC when decoded (not when the kernel sent it)
     action: str              # LinkAction.*
     link: LinkInfo
+    resync: bool = False     # derived from a table re-read after an overrun, not a notification
 
 
 class LinkWatcher:
@@ -50,16 +53,20 @@ class LinkWatcher:
             sock = pr_netns.create_socket(netns, socket.AF_NETLINK, socket.SOCK_RAW,
                                           socket.NETLINK_ROUTE, flags=0)
         self._sock = sock
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self._sock.bind((0, RTMGRP_LINK))
-        self._sock.setblocking(False)
         self._marshal = MarshalRtnl()
         self._pending: list[LinkEvent] = []
         self.links: dict[int, LinkInfo] = {}
         self.links_over_limit = 0   # RTM_NEWLINK of unknown links not kept (table full)
         self.overruns = 0           # ENOBUFS: notifications lost, table re-read
-        self.undecodable = 0        # messages that were not link messages or did not parse
-        self._resync()              # after bind: nothing created from now on can be missed
+        self.unexpected = 0         # messages other than RTM_NEWLINK/RTM_DELLINK
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            sock.bind((0, RTMGRP_LINK))
+            sock.setblocking(False)
+            self._resync()          # after bind: nothing created from now on can be missed
+        except BaseException:
+            sock.close()
+            raise
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -70,6 +77,18 @@ class LinkWatcher:
         self.links = {}
         for link in links:
             self._remember(link)
+
+    def _resync_with_events(self) -> None:
+        """Re-read the table; report what changed meanwhile as events marked `resync`."""
+        before = self.links
+        self._resync()
+        now = time.monotonic_ns()
+        for index, link in before.items():
+            if index not in self.links:
+                self._pending.append(LinkEvent(now, LinkAction.REMOVED, link, resync=True))
+        for index, link in self.links.items():
+            if index not in before:
+                self._pending.append(LinkEvent(now, LinkAction.ADDED, link, resync=True))
 
     def _remember(self, link: LinkInfo) -> bool:
         if link.ifindex not in self.links and len(self.links) >= self.max_links:
@@ -88,13 +107,13 @@ class LinkWatcher:
                 if exc.errno != errno.ENOBUFS:
                     raise
                 self.overruns += 1
-                self._resync()
+                self._resync_with_events()
                 continue
             now = time.monotonic_ns()
             for msg in self._marshal.parse(data):
                 event = msg.get("event")
                 if event not in ("RTM_NEWLINK", "RTM_DELLINK"):
-                    self.undecodable += 1
+                    self.unexpected += 1
                     continue
                 link = link_info_from_msg(msg)
                 if event == "RTM_DELLINK":

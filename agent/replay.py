@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections import Counter
 from typing import Any, Iterator, TextIO
 
 from agent import events as E
@@ -103,8 +104,12 @@ def read_events(stream: TextIO, name: str, keep_going: bool, bad: list[str]) -> 
 
 
 def replay(stream: TextIO, name: str, config: CorrelatorConfig, keep_going: bool = False):
-    """Correlate a whole recording. Returns (episodes, violations, snapshot, stats)."""
+    """Correlate a whole recording. Returns (episodes, violations, snapshot, stats, skipped
+    lines); the snapshot has every device seen, with its counters at the end, exited VMs too."""
     c = Correlator(config)
+    # a second correlator that never sees exits: its snapshot has every device's final counters
+    # (in `c`, the devices of a VM that exited are gone)
+    survivors = Correlator(config)
     outputs: list = []
     bad: list[str] = []
     last = 0
@@ -113,12 +118,14 @@ def replay(stream: TextIO, name: str, config: CorrelatorConfig, keep_going: bool
         n += 1
         last = max(last, ev.ts_ns)
         outputs.extend(c.feed(ev))
+        if not isinstance(ev, E.ProcessExit):
+            survivors.feed(ev)
     outputs.extend(c.flush())
+    survivors.flush()
     # nothing more will come: let pending notify windows close; stuck is judged at the last event
     outputs.extend(c.tick(last + config.notify_window_ns + config.reorder_window_ns + 1))
-    snap = c.snapshot(last)
     episodes: list[Episode] = [o.episode for o in outputs if isinstance(o, EpisodeEnded)]
-    for view in snap.devices:
+    for view in c.snapshot(last).devices:
         if view.open_episode is not None:
             ep = view.open_episode
             ep.stuck = last - ep.start_ns >= config.stuck_after_ns
@@ -129,7 +136,7 @@ def replay(stream: TextIO, name: str, config: CorrelatorConfig, keep_going: bool
     stats["events"] = n
     stats["malformed_lines"] = len(bad)
     stats["stuck_reported"] = sum(isinstance(o, EpisodeStuck) for o in outputs)
-    return episodes, violations, snap, stats, bad
+    return episodes, violations, survivors.snapshot(last), stats, bad
 
 
 def episode_json(ep: Episode) -> dict[str, Any]:
@@ -166,7 +173,7 @@ def print_table(out: TextIO, episodes, violations, snap, stats) -> None:
     out.write(f"\n{len(violations)} violation(s)\n")
     for v in violations:
         out.write(f"  {v.ts_ns / S:.6f}  {v.vm.name}  {v.device}  {v.rule}  {v.detail}\n")
-    out.write(f"\n{len(snap.devices)} device(s) at the end\n")
+    out.write(f"\n{len(snap.devices)} device(s), counters at the end of the recording\n")
     for d in snap.devices:
         out.write(f"  {d.vm.name}  {d.device}  {d.type}  {d.transport}  status=0x{d.status:02x}"
                   f"  needs_reset={d.needs_reset_total} recoveries={d.recoveries_total}"
@@ -216,7 +223,8 @@ def main(args: argparse.Namespace) -> int:
                          "failed_total": d.failed_total,
                          "config_interrupts_total": d.config_interrupts_total}
                         for d in snap.devices],
-            "episodes_ended": snap.episodes_ended,
+            "episodes_ended": dict(Counter(e.outcome for e in episodes
+                                           if e.outcome != Outcome.OPEN)),
             "stats": stats,
         }, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
@@ -225,4 +233,4 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_arguments", "main", "replay", "parse_line", "episode_json", "Outcome"]
+__all__ = ["add_arguments", "main", "replay", "parse_line", "episode_json"]

@@ -465,13 +465,3 @@ def main(args: argparse.Namespace) -> int:
         server.close()
         log.info("stopped")
 
-
-def _standalone() -> int:
-    parser = argparse.ArgumentParser(prog="virtio-recovery-agent run", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return main(parser.parse_args())
-
-
-if __name__ == "__main__":
-    sys.exit(_standalone())

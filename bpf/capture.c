@@ -135,7 +135,7 @@ BPF_TABLE("lru_hash", struct reg_key, struct reg_state, candidates, CAND_ENTRIES
 BPF_TABLE("lru_hash", u32, struct bucket, buckets, VM_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, tracked, VM_ENTRIES);
 BPF_HASH(irq_watch, struct irq_key, u8, IRQ_ENTRIES);
-BPF_HASH(inflight_ioctl, u64, struct inflight, INFLIGHT_ENTRIES);
+BPF_TABLE("lru_hash", u64, struct inflight, inflight_ioctl, INFLIGHT_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 BPF_ARRAY(config, u64, CFG_N);
 

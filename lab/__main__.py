@@ -2,6 +2,7 @@
 
     python -m lab run --transport modern --scenario recover --devices 2 --repeat 3
     python -m lab cmd --transport mmio --scenario fault     # print the QEMU command line only
+    python -m lab bench --runs 5                              # wall/boot/recovery per transport
 """
 from __future__ import annotations
 
@@ -47,10 +48,35 @@ def _summary(result) -> dict:
     }
 
 
+def _bench(runs: int) -> int:
+    """Median figures of `recover` runs per transport: QEMU wall time (start to exit), guest time
+    from entry to its first device access (boot), and NEEDS_RESET seen -> DRIVER_OK."""
+    from statistics import median
+
+    from lab.harness import run
+    print(f"{'transport':10} {'wall_ms':>8} {'entry->dev_ms':>13} {'entry->done_ms':>14} "
+          f"{'recovery_us':>11} {'detect_us':>9}")
+    for transport in TRANSPORTS:
+        rows = []
+        for _ in range(runs):
+            r = run(GuestSpec(transport=transport, scenario="recover", detect_ms=50))
+            e = r.episodes[0]
+            rows.append((r.wall_s * 1e3, r.status_writes[0].ns / 1e6, r.done_ns / 1e6,
+                         e.recovery_ns, e.detect_latency_ns))
+        m = [median(col) if None not in col else None for col in zip(*rows)]
+
+        def us(v: float | None) -> str:
+            return "n/a" if v is None else f"{v / 1e3:.0f}"
+        print(f"{transport:10} {m[0]:8.1f} {m[1]:13.2f} {m[2]:14.2f} {us(m[3]):>11} {us(m[4]):>9}"
+              + ("   (legacy: no NEEDS_RESET)" if m[3] is None else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("run", "cmd", "build"))
+    p.add_argument("command", choices=("run", "cmd", "build", "bench"))
+    p.add_argument("--runs", type=int, default=5, help="bench: runs per transport")
     p.add_argument("--transport", choices=TRANSPORTS, default="modern")
     p.add_argument("--scenario", choices=SCENARIOS, default="recover")
     p.add_argument("--devices", type=int, default=1)
@@ -76,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.command == "build":
             print(ensure_guest())
             return 0
+        if a.command == "bench":
+            return _bench(a.runs)
         spec = _spec(a)
         if a.command == "cmd":
             workdir = a.workdir or Path(tempfile.gettempdir()) / "vra-lab"

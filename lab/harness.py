@@ -487,7 +487,7 @@ def parse_serial(text: str, result: LabResult) -> None:
                 for k, v in kv.items():
                     if k.startswith("status") and k[6:].isdigit():
                         result.final_status[int(k[6:])] = _num(v)
-            elif what in ("cmdline", "started"):
+            elif what in ("cmdline", "started", "found"):
                 pass
             else:
                 result.unparsed_lines += 1
@@ -539,6 +539,7 @@ class LabVM:
             workdir.mkdir(parents=True, exist_ok=True)
             keep = True if keep_workdir is None else keep_workdir
         command = qemu_command(spec, workdir)
+        (workdir / "serial.log").touch()  # readable at once, before QEMU opens it
         stderr = open(workdir / "stderr.log", "wb")
         try:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stderr,
@@ -546,6 +547,26 @@ class LabVM:
         finally:
             stderr.close()
         return cls(spec, proc, workdir, command, keep)
+
+    def serial_text(self) -> str:
+        """What the guest has printed so far (complete lines only)."""
+        text = _read(self.serial_path)
+        return text[:text.rfind("\n") + 1]
+
+    def wait_for_line(self, what: str, timeout: float = 10.0) -> dict[str, str]:
+        """Blocks until the guest printed `VRA <what> ...`; returns its key=value fields.
+        Raises LabError if QEMU exits first, LabTimeout (QEMU left running) on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.serial_text().splitlines():
+                parsed = parse_line(line)
+                if parsed and parsed[0] == what:
+                    return parsed[1]
+            if self.proc.poll() is not None:
+                raise LabError(f"QEMU exited ({self.proc.returncode}) before 'VRA {what}'")
+            if time.monotonic() > deadline:
+                raise LabTimeout(f"no 'VRA {what}' line within {timeout}s")
+            time.sleep(0.01)
 
     def wait(self, timeout: float = 30.0) -> LabResult:
         try:

@@ -126,12 +126,14 @@ class Capture:
         for fam, reason in failed.items():
             self.hook_status[fam] = HookStatus(fam, False, reason)
         if self.bpf is None:
+            self.hook_status = dict(sorted(self.hook_status.items()))
             return self.hook_status
         self._configure()
         for fam in wanted:
             if fam.name not in failed:
                 self.hook_status[fam.name] = self._attach(fam)
         self.bpf[b"events"].open_ring_buffer(self._on_event)
+        self.hook_status = dict(sorted(self.hook_status.items()))
         return self.hook_status
 
     def close(self) -> None:
@@ -152,7 +154,7 @@ class Capture:
     def _build(self, fams: list[Family]):
         from bcc import BPF
         # Tracepoint-mode programs (TRACEPOINT_PROBE) are attached by BCC while loading.
-        return BPF(text=self._text, cflags=self._cflags(fams))
+        return BPF(text=self._text.encode(), cflags=self._cflags(fams))
 
     def _compile(self, fams: list[Family]):
         """Build all families together; if that fails, find the culprits one by one."""

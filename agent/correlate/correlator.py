@@ -100,6 +100,16 @@ class Correlator:
         """Process every buffered event now (end of a recording)."""
         return self._drain(None)
 
+    def annotate_device(self, pid: int, space: str, addr: int, type: str) -> bool:
+        """Set the type of the device one of whose registers is (space, addr) in VM `pid`,
+        e.g. from QEMU's query-pci (agent.vmm_probe.device_at). False if no such device."""
+        vm = self._vms.get(pid)
+        known = vm.regs.get((space, addr)) if vm is not None else None
+        if known is None:
+            return False
+        known[0].type = type
+        return True
+
     def stats(self) -> dict[str, int]:
         """Internal counters: events per kind, late (reordered beyond the window), candidates
         evicted, accesses not attributable, inferred resets, devices discovered."""

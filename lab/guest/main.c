@@ -61,10 +61,10 @@ static void flush_log(void)
 	}
 }
 
+/* writes: stamped just before the write instruction (the VM exit follows it) */
 static void write_status(struct vdev *d, short ep, u8 v)
 {
-	u64 t = rdtsc();
-	vd_set_status(d, v);
+	u64 t = vd_set_status_stamped(d, v);
 	log_ev(EV_STATUS, d, ep, v, 0, t);
 }
 
@@ -76,8 +76,8 @@ static int wait_needs_reset(struct vdev *d, short ep)
 	u64 deadline = rdtsc() + ms_to_tsc(detect_ms);
 	u32 reads = 0;
 	for (;;) {
-		u64 t = rdtsc();
-		u8 s = vd_status(d);
+		u64 t;
+		u8 s = vd_status_stamped(d, &t);	/* stamped when the value has arrived */
 		reads++;
 		if (s & S_NEEDS_RESET) {
 			log_ev(EV_NEEDS_RESET, d, ep, s, reads, t);
@@ -96,8 +96,8 @@ static void reset_dev(struct vdev *d, short ep)
 	u64 deadline = rdtsc() + ms_to_tsc(reset_ms);
 	u32 reads = 0;
 	for (;;) {
-		u64 t = rdtsc();
-		u8 s = vd_status(d);
+		u64 t;
+		u8 s = vd_status_stamped(d, &t);	/* stamped when the value has arrived */
 		reads++;
 		if (!s) {
 			log_ev(EV_RESET_DONE, d, ep, s, reads, t);
@@ -192,6 +192,25 @@ void guest_main(u32 magic, u32 info)
 	detect_ms = param_u32("detect_ms", 200);
 	reset_ms = param_u32("reset_ms", 1000);
 
+	/* Software-enable the local APIC (SVR bit 8, spurious vector 0xff) so KVM accepts the
+	 * MSIs into the IRR (kvm_apic_accept_irq) even though the guest never takes them. */
+	mw32(0xfee000f0u, mr32(0xfee000f0u) | 0x1ffu);
+
+	virtio_discover(t, irq);
+	if (!ndevs)
+		fatal("no_virtio_device");
+	if (fault_sel >= ndevs)
+		fatal("fault_dev_out_of_range");
+	/* Addresses are known (BARs assigned) before any status access: a host reading the serial
+	 * port live can set its watches during start_delay_ms. */
+	for (int i = 0; i < ndevs; i++) {
+		puts_("VRA found");
+		put_kv_dec("idx", (u64)i);
+		put_kv_str("space", vd_space(&devs[i]));
+		put_kv_hex("status_addr", vd_status_addr(&devs[i]));
+		put_kv_dec("status_size", devs[i].t == T_MMIO ? 4 : 1);
+		line_end();
+	}
 	u32 start_delay = param_u32("start_delay_ms", 0);
 	if (start_delay) {
 		delay_ms(start_delay);
@@ -199,12 +218,6 @@ void guest_main(u32 magic, u32 info)
 		put_kv_dec("tsc", rdtsc());
 		line_end();
 	}
-
-	virtio_discover(t, irq);
-	if (!ndevs)
-		fatal("no_virtio_device");
-	if (fault_sel >= ndevs)
-		fatal("fault_dev_out_of_range");
 
 	for (int i = 0; i < ndevs; i++) {
 		reset_dev(&devs[i], -1);
@@ -333,8 +346,8 @@ void guest_main(u32 magic, u32 info)
 				u64 deadline = rdtsc() + ms_to_tsc(detect_ms);
 				u32 reads = 0;
 				for (;;) {
-					u64 tr = rdtsc();
-					u8 s = vd_status(d);
+					u64 tr;
+					u8 s = vd_status_stamped(d, &tr);
 					reads++;
 					if (s & S_NEEDS_RESET) {
 						log_ev(EV_NEEDS_RESET, d, (short)ep, s, reads, tr);

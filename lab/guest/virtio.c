@@ -233,6 +233,60 @@ u8 vd_isr(struct vdev *d)
 	}
 }
 
+/* Status accesses with the TSC read adjacent to the access instruction: writes are stamped
+ * right before the write, reads right after the value arrived. Nothing else sits in between,
+ * because under a hypervisor that emulates the guest each instruction can cost microseconds. */
+
+static inline u64 join(u32 lo, u32 hi) { return ((u64)hi << 32) | lo; }
+
+u64 vd_set_status_stamped(struct vdev *d, u8 v)
+{
+	u32 lo, hi;
+	switch (d->t) {
+	case T_MODERN:
+		__asm__ volatile("rdtsc\n\tmovb %%cl, (%%edi)"
+				 : "=&a"(lo), "=&d"(hi) : "c"((u32)v), "D"(d->common + C_STATUS) : "memory");
+		break;
+	case T_LEGACY: {
+		u32 a = v, dx = (u32)(d->io + L_STATUS);
+		__asm__ volatile("rdtsc\n\txchgl %%eax, %%ecx\n\txchgl %%edx, %%ebx\n\toutb %%al, %%dx"
+				 : "+c"(a), "+b"(dx) : : "eax", "edx", "memory");
+		lo = a;
+		hi = dx;
+		break;
+	}
+	default:
+		__asm__ volatile("rdtsc\n\tmovl %%ecx, (%%edi)"
+				 : "=&a"(lo), "=&d"(hi) : "c"((u32)v), "D"(d->mmio + M_STATUS) : "memory");
+		break;
+	}
+	return join(lo, hi);
+}
+
+u8 vd_status_stamped(struct vdev *d, u64 *tsc)
+{
+	u32 lo, hi, v;
+	switch (d->t) {
+	case T_MODERN:
+		__asm__ volatile("movzbl (%%edi), %%ecx\n\trdtsc"
+				 : "=a"(lo), "=d"(hi), "=&c"(v) : "D"(d->common + C_STATUS) : "memory");
+		break;
+	case T_LEGACY: {
+		u32 dx = (u32)(d->io + L_STATUS);
+		__asm__ volatile("inb %%dx, %%al\n\tmovzbl %%al, %%ecx\n\trdtsc"
+				 : "=a"(lo), "+d"(dx), "=&c"(v) : : "memory");
+		hi = dx;
+		break;
+	}
+	default:
+		__asm__ volatile("movl (%%edi), %%ecx\n\trdtsc"
+				 : "=a"(lo), "=d"(hi), "=&c"(v) : "D"(d->mmio + M_STATUS) : "memory");
+		break;
+	}
+	*tsc = join(lo, hi);
+	return (u8)v;
+}
+
 u32 vd_status_addr(struct vdev *d)
 {
 	switch (d->t) {

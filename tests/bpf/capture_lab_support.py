@@ -40,12 +40,16 @@ def watch_device(cap, pid: int, dev: DeviceInfo) -> None:
 
 
 def run_captured(cap, spec: GuestSpec, watch: list[DeviceInfo] = (), timeout: float = 30.0,
-                 exit_wait: float = 3.0) -> CapturedRun:
+                 exit_wait: float = 3.0, registers: list[tuple[str, int, int]] = ()) -> CapturedRun:
+    """Run `spec` while polling `cap`. `watch`: devices whose status register and config
+    interrupt are watched; `registers`: extra (space, addr, Register kind) to watch."""
     before = cap.counters()
     vm = LabVM.start(spec)
     # QEMU needs tens of milliseconds before the guest runs: the watches are in place by then
     for dev in watch:
         watch_device(cap, vm.pid, dev)
+    for space, addr, kind in registers:
+        cap.watch_register(WatchRegister(pid=vm.pid, space=space, addr=addr, register=kind))
     events: list[Event] = []
     try:
         deadline = time.monotonic() + timeout
@@ -61,9 +65,8 @@ def run_captured(cap, spec: GuestSpec, watch: list[DeviceInfo] = (), timeout: fl
         if _exited(events, vm.pid):
             break
         events += cap.poll(50)
-    for dev in watch:
-        final[(dev.space, dev.status_addr)] = cap.register_state(vm.pid, dev.space,
-                                                                 dev.status_addr)
+    for space, addr in [(d.space, d.status_addr) for d in watch] + [r[:2] for r in registers]:
+        final[(space, addr)] = cap.register_state(vm.pid, space, addr)
     after = cap.counters()
     return CapturedRun(result=result.raise_for_error(), pid=vm.pid,
                        events=[e for e in events if e.pid == vm.pid],

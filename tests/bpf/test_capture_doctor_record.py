@@ -7,7 +7,7 @@ import threading
 import time
 
 from agent.events import Op, ProcessExit, RegisterAccess, from_json
-from lab.harness import GuestSpec, run
+from lab.harness import GuestSpec, LabVM, run
 
 
 def test_doctor_matches_the_machine(bpf, capsys):
@@ -50,16 +50,20 @@ def test_record_writes_the_guest_handshake_as_json_lines(bpf, tmp_path):
     while not out.exists() and t.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert out.exists(), "record never opened its output"
-    result = run(spec)
+    vm = LabVM.start(spec)
+    try:
+        result = vm.wait(timeout=30).raise_for_error()
+    finally:
+        vm.kill()
     t.join(60)
     assert rc == [0]
 
     events = [from_json(line) for line in out.read_text().splitlines()]
-    pids = {e.pid for e in events if isinstance(e, ProcessExit)}
-    vm = [e for e in events if e.pid in pids]
-    writes = [e for e in vm if isinstance(e, RegisterAccess) and e.op == Op.WRITE
+    mine = [e for e in events if e.pid == vm.pid]
+    assert any(isinstance(e, ProcessExit) for e in mine)
+    writes = [e for e in mine if isinstance(e, RegisterAccess) and e.op == Op.WRITE
               and e.addr == dev.status_addr]
     assert [w.value for w in writes] == [w.value for w in result.status_writes]
     (episode,) = result.episodes
     assert any(isinstance(e, RegisterAccess) and e.op == Op.READ
-               and e.value == episode.needs_reset_status for e in vm)
+               and e.value == episode.needs_reset_status for e in mine)

@@ -135,3 +135,37 @@ def test_full_ring_buffer_is_counted_not_silent(bpf):
     assert lost > 0
     assert len(writes) + lost >= guest_writes
     print(f"\nguest writes {guest_writes}, delivered {len(writes)}, ringbuf_full {lost}")
+
+
+def test_non_status_registers_writes_always_reads_on_change(cap):
+    """The `linux` scenario: the guest re-reads config_generation and kicks, period after period."""
+    spec = GuestSpec(transport="modern", scenario="linux", hold_ms=200)
+    (dev,) = learn_devices(spec)
+    run = run_captured(cap, spec, registers=[
+        (dev.space, dev.notify_addr, Register.QUEUE_NOTIFY),
+        (dev.space, dev.gen_addr, Register.CONFIG_GENERATION)])
+    kicks = run.result.linux_kicks
+    assert kicks and kicks > 5
+    notify = [e for e in run.events if isinstance(e, RegisterAccess) and e.addr == dev.notify_addr]
+    gen = [e for e in run.events if isinstance(e, RegisterAccess) and e.addr == dev.gen_addr]
+    assert all(e.register == Register.QUEUE_NOTIFY and e.op == Op.WRITE for e in notify)
+    # every periodic kick is forwarded (plus the kick that injected the fault)
+    assert kicks <= len(notify) <= kicks + 1
+    # one generation read per period, all the same value: forwarded once, the rest folded
+    assert len(gen) == 1 and gen[0].register == Register.CONFIG_GENERATION
+    pending = run.final_state[(dev.space, dev.gen_addr)]
+    assert gen[0].repeats + pending.repeats == kicks - 1
+
+
+def test_discovery_is_rate_limited_per_vm(bpf):
+    from agent.capture import Capture
+
+    burst, rate = 3, 1
+    with Capture(discovery_burst=burst, discovery_rate=rate) as slow:
+        run = run_captured(slow, GuestSpec(transport="modern", scenario="fault"))
+    candidates = [e for e in run.events if isinstance(e, RegisterAccess)]
+    assert all(e.register == Register.UNKNOWN for e in candidates)
+    # the guest makes more distinct candidate accesses (5 status writes alone) than allowed
+    assert len(run.result.status_writes) > burst
+    assert 1 <= len(candidates) <= burst + rate * (run.result.wall_s + 1)
+    assert run.delta("rate_limited") > 0

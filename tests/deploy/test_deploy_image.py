@@ -157,6 +157,22 @@ def test_agent_runs_with_the_daemonset_privileges(image, tmp_path):
         assert attached, f"no hook attached with the DaemonSet's capabilities:\n{text}\n{logs[-4000:]}"
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
             assert resp.status == 200
+        # A real guest recovering a device: the containerised agent must count its episodes.
+        from conftest import require_kvm
+        from lab.harness import GuestSpec, run
+
+        require_kvm()
+        result = run(GuestSpec(transport="modern", scenario="recover", repeat=2), timeout=60, check=True)
+        recovered = sum(1 for e in result.episodes if e.reset_ns is not None and e.driver_ok_ns is not None)
+        assert recovered == 2
+        deadline = time.monotonic() + 30
+        counted = 0.0
+        while time.monotonic() < deadline and counted < recovered:
+            m = re.search(r'^virtio_episodes_ended_total\{outcome="recovered"\} (\S+)$',
+                          _scrape(f"http://127.0.0.1:{port}/metrics"), re.M)
+            counted = float(m.group(1)) if m else 0.0
+            time.sleep(0.5)
+        assert counted >= recovered, subprocess.run([podman, "logs", name], capture_output=True, text=True).stdout[-4000:]
     finally:
         subprocess.run([podman, "stop", "-t", "10", name], capture_output=True)
         subprocess.run([podman, "rm", "-f", name], capture_output=True)

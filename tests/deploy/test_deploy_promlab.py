@@ -169,3 +169,15 @@ def test_stuck_device_raises_the_alert(lab):
     assert alerts, f"VirtioDeviceStuckNeedsReset not pending:\n{agent_log.read_text()[-3000:]}"
     assert {a["state"] for a in alerts} <= {"pending", "firing"}
     assert all(a["labels"]["severity"] == "critical" for a in alerts)
+
+
+def test_a_healthy_agent_raises_no_agent_alert(lab):
+    """On this host every hook family attaches except vhost_kprobe (no kprobes): the hook alerts
+    must stay silent, as must the down and map-fill alerts."""
+    prom, _, _, _ = lab
+    prom.wait_for_scrape()
+    attached = {labels["hook"]: value for labels, value in prom.query("virtio_agent_hook_attached")}
+    assert attached.get("mmio") == 1 and attached.get("pio") == 1, attached
+    active = {a["labels"]["alertname"] for a in prom.alerts()}
+    quiet = {"VirtioAgentDown", "VirtioAgentHookNotAttached", "VirtioAgentBlind", "VirtioAgentBpfMapNearlyFull"}
+    assert active & quiet == set(), f"hooks: {attached}"

@@ -31,15 +31,18 @@ def test_several_vms_at_once(kvm: None) -> None:
 
 
 def test_start_delay_holds_the_guest_before_any_device_access(kvm: None) -> None:
-    vm = LabVM.start(GuestSpec(scenario="init", start_delay_ms=400))
+    vm = LabVM.start(GuestSpec(scenario="init", start_delay_ms=1500))
     try:
-        time.sleep(0.1)
+        found = vm.wait_for_line("found", timeout=10)
         assert vm.proc.poll() is None, "QEMU exited before the start delay elapsed"
+        assert not any(line.startswith("VRA status") for line in vm.serial_text().splitlines()), \
+            "status accessed before the start delay ended"
         r = vm.wait(30).raise_for_error()
     finally:
         vm.kill()
+    assert int(found["status_addr"], 0) == r.device(0).status_addr
     first = min(w.ns for w in r.status_writes)
-    assert first >= 400_000_000
+    assert first >= 1_500_000_000
 
 
 def test_qmp_socket(kvm: None) -> None:

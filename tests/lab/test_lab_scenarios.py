@@ -59,12 +59,16 @@ def test_recover_reaches_driver_ok_again(kvm: None, transport: str, irq: str) ->
         assert e.isr is not None and e.isr & 0x2, "config-change bit missing from ISR"
 
 
-def test_legacy_fault_breaks_the_device_without_needs_reset(kvm: None) -> None:
+@pytest.mark.parametrize("irq", ["msix", "intx"])
+def test_legacy_fault_breaks_the_device_without_needs_reset(kvm: None, irq: str) -> None:
     # virtio_error() without VIRTIO_F_VERSION_1 only marks the device broken: status keeps its
     # value, no config interrupt; the guest's poll for NEEDS_RESET times out.
-    r = run(GuestSpec(transport="legacy", scenario="recover", detect_ms=50))
+    r = run(GuestSpec(transport="legacy", scenario="recover", detect_ms=50, irq=irq))
     (dev,) = r.devices
     assert dev.transport == "legacy" and dev.space == "pio" and dev.features == 0
+    assert dev.irq == irq and dev.gen_addr is None
+    if irq == "msix":
+        assert dev.msix_config == 0 and dev.msix_config_addr == dev.status_addr + 2
     (e,) = r.episodes
     assert e.timed_out and e.needs_reset_status is None
     assert len(_errors(r)) == 1

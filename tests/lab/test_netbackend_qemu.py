@@ -20,6 +20,8 @@ import pytest
 from agent.netbackend import LinkStatsReader, TapMap, diff, read_links
 from agent.netlink_watch import LinkAction, LinkWatcher
 
+pytestmark = pytest.mark.kvm
+
 GUEST_MAC = "52:54:00:12:34:56"
 ETHERTYPE_EXPERIMENTAL = b"\x88\xb5"      # IEEE 802 local experimental ethertype
 SO_SNDBUFFORCE = 32
@@ -57,11 +59,16 @@ def netns(netadmin):
 
 
 class Qemu:
-    def __init__(self, ns: str, netdev: str, tmp_path, pass_fds=()):
+    """QEMU in the namespace `ns`; `netdev` is the backend of one virtio-net NIC, or give the
+    whole network part of the command line as `net_args`."""
+
+    def __init__(self, ns: str, netdev: str | None, tmp_path, pass_fds=(), net_args=()):
         self.log = tmp_path / f"qemu-{uuid.uuid4().hex[:6]}.log"
+        if netdev is not None:
+            net_args = ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC}"]
         argv = ["ip", "netns", "exec", ns, "qemu-system-x86_64", "-accel", "kvm", "-M", "q35",
                 "-nodefaults", "-display", "none", "-bios", "/usr/share/qemu/qboot.rom",
-                "-netdev", netdev, "-device", f"virtio-net-pci,netdev=n0,mac={GUEST_MAC}"]
+                *net_args]
         with open(self.log, "wb") as log:
             # `ip netns exec` execs QEMU: the pid is QEMU's
             self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
@@ -231,28 +238,32 @@ def test_frames_toward_a_guest_without_driver_are_dropped_at_the_tap(netns, qemu
     assert impact.rx_packets == 0     # the guest sent nothing
 
 
-def test_macvtap_backend_held_by_fd_is_mapped_and_its_drops_counted(netns, qemus, tmp_path):
-    ns, ns_path = netns
+def make_macvtap(ns: str, ns_path: str, name: str, lower: str, peer: str):
+    """A macvtap on a veth pair in the namespace: (ifindex, MAC, its /dev/tapN node)."""
     from agent.netbackend import open_iproute
 
     with open_iproute(ns_path) as ipr:
-        ipr.link("add", ifname="vralow0", kind="veth", peer="vrapeer0")
-        low = ipr.link_lookup(ifname="vralow0")[0]
-        ipr.link("add", ifname="vramvt0", kind="macvtap", link=low, macvlan_mode="bridge")
-        mvt = ipr.link_lookup(ifname="vramvt0")[0]
+        ipr.link("add", ifname=lower, kind="veth", peer=peer)
+        low = ipr.link_lookup(ifname=lower)[0]
+        ipr.link("add", ifname=name, kind="macvtap", link=low, macvlan_mode="bridge")
+        mvt = ipr.link_lookup(ifname=name)[0]
         mvt_mac = ipr.get_links(mvt)[0].get_attr("IFLA_ADDRESS")
     # /dev/tapN is created by devtmpfs with N = the ifindex in our namespace; make sure it is
     # this macvtap's node (a host macvtap with the same ifindex would clash)
-    dev = subprocess.run(["ip", "netns", "exec", ns, "cat",
-                          f"/sys/class/net/vramvt0/tap{mvt}/dev"],
+    dev = subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/{name}/tap{mvt}/dev"],
                          check=True, capture_output=True, text=True).stdout.strip()
     node = f"/dev/tap{mvt}"
     deadline = time.monotonic() + 5
     while not os.path.exists(node) and time.monotonic() < deadline:
         time.sleep(0.05)
     major, minor = (int(x) for x in dev.split(":"))
-    assert os.stat(node).st_rdev == os.makedev(major, minor), f"{node} is not vramvt0's node"
+    assert os.stat(node).st_rdev == os.makedev(major, minor), f"{node} is not {name}'s node"
+    return mvt, mvt_mac, node
 
+
+def test_macvtap_backend_held_by_fd_is_mapped_and_its_drops_counted(netns, qemus, tmp_path):
+    ns, ns_path = netns
+    mvt, mvt_mac, node = make_macvtap(ns, ns_path, "vramvt0", "vralow0", "vrapeer0")
     fd = os.open(node, os.O_RDWR)
     try:
         q = Qemu(ns, f"tap,id=n0,fd={fd}", tmp_path, pass_fds=(fd,))
@@ -349,3 +360,69 @@ def test_link_watcher_reports_every_event_but_keeps_a_bounded_table(netns):
         assert len(watcher.links) == 2
         assert watcher.links_over_limit >= 3
         assert all(e.link.kind == "veth" for e in events)
+
+
+def test_each_virtio_net_device_is_mapped_to_its_own_backend_over_qmp(netns, qemus, tmp_path):
+    from agent import qmp
+    from agent.netbackend import nic_backends, parse_info_network
+
+    ns, ns_path = netns
+    mvt, _mac, node = make_macvtap(ns, ns_path, "vramvt1", "vralow1", "vrapeer1")
+    sock = str(tmp_path / "qmp.sock")
+    fd = os.open(node, os.O_RDWR)
+    try:
+        q = Qemu(ns, None, tmp_path, pass_fds=(fd,), net_args=[
+            "-qmp", f"unix:{sock},server=on,wait=off",
+            # named NIC, tap opened by QEMU
+            "-netdev", "tap,id=hn0,ifname=vratapA,script=no,downscript=no",
+            "-device", "virtio-net-pci,netdev=hn0,id=netA",
+            # anonymous NIC, macvtap passed by fd (as libvirt does)
+            "-netdev", f"tap,id=hn1,fd={fd}", "-device", "virtio-net-pci,netdev=hn1",
+            # a NIC without a backend
+            "-device", "virtio-net-pci,id=netC",
+        ])
+        qemus.append(q)
+    finally:
+        os.close(fd)
+    q.wait_for_exe()
+    deadline = time.monotonic() + 10
+    while not os.path.exists(sock) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with qmp.QmpClient.connect(sock) as client:
+        nics = {n.virtio_path: n for n in nic_backends(client)}
+        info = client.execute("human-monitor-command", {"command-line": "info network"})
+    print("\n" + info)
+    assert set(parse_info_network(info)) == {"hn0", "hn1"}
+    taps = TapMap().taps_of(q.pid)
+    assert sorted(t.ifname for t in taps) == ["vramvt1", "vratapA"]
+
+    named = nics["/machine/peripheral/netA/virtio-backend"]
+    assert [t.ifname for t in named.taps(taps)] == ["vratapA"]
+    assert named.netdev.ifname == "vratapA" and named.netdev.fds == ()
+    no_backend = nics["/machine/peripheral/netC/virtio-backend"]
+    assert no_backend.netdev is None and no_backend.taps(taps) == []
+    [anon] = [n for p, n in nics.items() if "peripheral-anon" in p]
+    [mapped] = anon.taps(taps)
+    assert (mapped.ifname, mapped.ifindex, mapped.kind) == ("vramvt1", mvt, "macvtap")
+    assert anon.netdev.fds == (mapped.fd,)   # QEMU's fd number, as /proc shows it
+    assert len(nics) == 3
+
+
+def test_link_watcher_recovers_from_a_socket_overrun(netns):
+    from agent.netbackend import open_iproute
+
+    ns, ns_path = netns
+    # the smallest receive buffer the kernel allows: a burst of link events overruns it
+    with LinkWatcher(ns_path, rcvbuf=1) as watcher:
+        with open_iproute(ns_path) as ipr:
+            for i in range(10):
+                ipr.link("add", ifname=f"vrao{i}", kind="veth", peer=f"vrap{i}")
+        events = []
+        for _ in range(20):
+            events += watcher.poll()
+        assert watcher.overruns >= 1
+        added = {e.link.ifname for e in events if e.action == LinkAction.ADDED}
+        assert len(added) == 20 and any(e.resync for e in events)
+        # the table was re-read: it is right even though notifications were lost
+        names = {link.ifname for link in watcher.links.values()}
+        assert names == {"lo"} | {f"vrao{i}" for i in range(10)} | {f"vrap{i}" for i in range(10)}

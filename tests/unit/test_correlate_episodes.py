@@ -414,3 +414,21 @@ def test_named_hint_watches_from_the_start_even_after_a_rename():
     assert WatchInterrupt(8, vector=0x33) in out
     [view] = c.snapshot(s.t).devices
     assert (view.type, view.vm.name) == ("net", "hinted")
+
+
+def test_annotate_device_sets_the_type_for_later_episodes():
+    s = Script()
+    dev = s.vm(3, "x").device(Transport.PCI_MODERN, 0xFEBF1000)
+    dev.init()
+    c, _ = run(s.events)
+    assert c.annotate_device(3, E.Space.MMIO, 0xFEBF1014, "net")
+    assert not c.annotate_device(3, E.Space.MMIO, 0xDEAD0000, "blk")
+    assert not c.annotate_device(4, E.Space.MMIO, 0xFEBF1014, "blk")
+    dev.needs_reset(notify=False)
+    dev.recover()
+    out = []
+    for ev in s.events[-7:]:
+        out += c.feed(ev)
+    out += c.flush()
+    [ep] = ended(out)
+    assert ep.type == "net" and c.snapshot(s.t).devices[0].type == "net"

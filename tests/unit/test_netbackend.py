@@ -72,7 +72,7 @@ def test_tun_fd_resolves_by_name_and_other_fds_are_ignored(tmp_path):
 def test_macvtap_and_ipvtap_resolve_by_index_from_device_name(tmp_path):
     make_proc(tmp_path, 10, {
         21: ("/dev/tap7", FDINFO_PLAIN),
-        22: ("/dev/ipvtap9", FDINFO_PLAIN),
+        22: ("/dev/tap9", FDINFO_PLAIN),          # ipvtap names its node tapN as well
         23: ("/dev/tapx", FDINFO_PLAIN),        # not a tapN node
     })
     m, _ = tapmap(tmp_path)
@@ -210,3 +210,48 @@ def test_outage_impact_is_a_plain_dataclass():
     impact = diff(snap(), snap(ts_ns=1))
     assert set(dataclasses.asdict(impact)) >= {"ifname", "tx_dropped", "tx_packets", "tx_bytes",
                                                "rx_packets", "rx_bytes"}
+
+
+# HMP `info network` of QEMU 7.2 (captured on the lab VM): a named NIC with a tap QEMU opened,
+# a two-queue tap, a macvtap passed by fd, a user-mode netdev and a NIC without a backend.
+INFO_NETWORK = """\
+netA: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:56
+ \\ hn0: index=0,type=tap,ifname=vratapA,script=no,downscript=no
+net1: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:aa:bb:cc
+ \\ hostnet1: index=0,type=tap,ifname=vrainfo1,script=no,downscript=no
+net1: index=1,type=nic,
+ \\ hostnet1: index=1,type=tap,ifname=vrainfo1,script=no,downscript=no
+virtio-net-pci.1: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:57
+ \\ hn1: index=0,type=tap,fd=5
+virtio-net-pci.3: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:59
+ \\ u0: index=0,type=user,net=10.0.2.0,restrict=off
+netC: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:58
+"""
+
+
+def test_parse_info_network():
+    from agent.netbackend import Netdev, parse_info_network
+
+    assert parse_info_network(INFO_NETWORK) == {
+        "hn0": Netdev("hn0", "tap", "vratapA", ()),
+        "hostnet1": Netdev("hostnet1", "tap", "vrainfo1", ()),
+        "hn1": Netdev("hn1", "tap", "", (5,)),
+        "u0": Netdev("u0", "user", "", ()),
+    }
+    with pytest.raises(ValueError):
+        parse_info_network(" \\ hn1: index=0,type=tap,fd=x\n")
+
+
+def test_nic_backend_selects_its_taps_by_name_or_by_fd():
+    from agent.netbackend import NicBackend, TapBackend, parse_info_network
+
+    nd = parse_info_network(INFO_NETWORK)
+    taps = [TapBackend("vratapA", 5, "tap", 9, "/dev/net/tun"),
+            TapBackend("vrainfo1", 6, "tap", 10, "/dev/net/tun"),
+            TapBackend("vrainfo1", 6, "tap", 11, "/dev/net/tun"),
+            TapBackend("macvtap0", 7, "macvtap", 5, "/dev/tap7")]
+    assert [t.fd for t in NicBackend("p", nd["hn0"]).taps(taps)] == [9]
+    assert [t.fd for t in NicBackend("p", nd["hostnet1"]).taps(taps)] == [10, 11]
+    assert [t.ifname for t in NicBackend("p", nd["hn1"]).taps(taps)] == ["macvtap0"]
+    assert NicBackend("p", nd["u0"]).taps(taps) == []
+    assert NicBackend("p", None).taps(taps) == []

@@ -126,3 +126,20 @@ def test_stdin_through_the_real_command(tmp_path):
                           input=path.read_text(), capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["episodes"][0]["start_ns"] == truth.start_ns
+
+
+def test_devices_of_exited_vms_keep_their_counters_and_abandoned_is_counted(tmp_path, capsys):
+    s = Script()
+    vm = s.vm(9, "gone")
+    dev = vm.device(Transport.PCI_MODERN)
+    dev.init()
+    dev.needs_reset(notify=False)
+    vm.exit()
+    path = tmp_path / "exit.jsonl"
+    path.write_text("".join(E.to_json(e) + "\n" for e in s.events))
+    assert cli_main(["replay", "--json", str(path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["episodes_ended"] == {"abandoned": 1}
+    [d] = doc["devices"]
+    assert (d["vm"], d["needs_reset_total"], d["resets_total"]) == ("gone", 1, 1)
+    assert doc["episodes"][0]["outcome"] == "abandoned"

@@ -86,7 +86,7 @@ def test_core_hooks_follow_enabled_families():
 
 
 def test_half_tls_config_is_refused(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "agent.run", "--tls-cert", "x.pem"],
+    proc = subprocess.run([sys.executable, "-m", "agent", "run", "--tls-cert", "x.pem"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--tls-key" in proc.stderr
@@ -105,7 +105,7 @@ def test_not_root_is_one_line_pointing_to_doctor():
     nobody = _nobody()
     proc = subprocess.run(
         ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
-         sys.executable, "-m", "agent.run", "--listen", "127.0.0.1:0"],
+         sys.executable, "-m", "agent", "run", "--listen", "127.0.0.1:0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={**os.environ, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 1, proc.stderr
@@ -123,7 +123,7 @@ def test_port_in_use_is_a_clear_error(monkeypatch):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "agent.run", "--listen",
+        proc = subprocess.run([sys.executable, "-m", "agent", "run", "--listen",
                                f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
     assert proc.returncode == 1
