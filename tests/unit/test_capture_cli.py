@@ -34,3 +34,12 @@ def test_doctor_exit_code_and_table(monkeypatch, capsys):
     assert "fix: apt-get install x" in out and "1 core prerequisite(s) failed" in out
     checks[0] = doctor.Check("BCC", doctor.OK, "bcc", core=True)
     assert doctor.main(argparse.Namespace(json=True)) == 0
+
+
+def test_unknown_family_and_bad_sizes_are_rejected():
+    from agent.capture import Capture
+
+    with pytest.raises(ValueError, match="unknown hook families"):
+        Capture(hooks={"mmio", "kprobe_everything"})
+    with pytest.raises(ValueError, match="power of two"):
+        Capture(ringbuf_pages=3)
