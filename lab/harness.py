@@ -247,20 +247,28 @@ class Episode:
     dev: int
     ep: int
     fault_ns: int | None = None
-    needs_reset_ns: int | None = None      # the read that first returned NEEDS_RESET
+    needs_reset_ns: int | None = None      # the read that first returned NEEDS_RESET (after it)
+    needs_reset_issue_ns: int | None = None    # ... stamped just before that read was issued
     needs_reset_status: int | None = None
     needs_reset_reads: int | None = None
     timed_out: bool = False                # NEEDS_RESET never seen within detect_ms
     isr: int | None = None                 # INTx: the ISR value read after detection
     failed_ns: int | None = None           # write with FAILED set
     reset_ns: int | None = None            # write of 0
-    reset_done_ns: int | None = None       # first read of 0 after it
+    reset_done_ns: int | None = None       # first read of 0 after it (after the read)
+    reset_done_issue_ns: int | None = None
     driver_ok_ns: int | None = None        # write with DRIVER_OK
     writes: list[StatusWrite] = field(default_factory=list)
 
     @staticmethod
     def _diff(a: int | None, b: int | None) -> int | None:
         return None if a is None or b is None else b - a
+
+    @property
+    def needs_reset_window_ns(self) -> int | None:
+        """Issue -> return of the detecting read. The host completed the access inside this
+        window; a wide one means the vCPU was held up (preempted, or QEMU busy)."""
+        return self._diff(self.needs_reset_issue_ns, self.needs_reset_ns)
 
     @property
     def detect_latency_ns(self) -> int | None:
@@ -454,6 +462,8 @@ def parse_serial(text: str, result: LabResult) -> None:
                 e = episode(kv)
                 assert e is not None
                 e.needs_reset_ns = ns(int(kv["tsc"]))
+                if "tsc_issue" in kv:
+                    e.needs_reset_issue_ns = ns(int(kv["tsc_issue"]))
                 e.needs_reset_status = _num(kv["value"])
                 e.needs_reset_reads = int(kv["reads"])
             elif what == "timeout":
@@ -466,6 +476,8 @@ def parse_serial(text: str, result: LabResult) -> None:
                 e = episode(kv)
                 if e is not None and e.reset_done_ns is None:
                     e.reset_done_ns = ns(int(kv["tsc"]))
+                    if "tsc_issue" in kv:
+                        e.reset_done_issue_ns = ns(int(kv["tsc_issue"]))
             elif what == "isr":
                 e = episode(kv)
                 if e is not None:

@@ -11,17 +11,19 @@ struct ev {
 	short ep;
 	u32 count;
 	u64 tsc;
+	u64 issue;	/* reads: TSC just before the access (tsc: just after) */
 };
 
 #define LOG_CAP 4096
 static struct ev evlog[LOG_CAP];
 static u32 nlog, log_dropped;
 
-static void log_ev(u8 type, struct vdev *d, short ep, u8 value, u32 count, u64 tsc)
+static struct ev *log_ev(u8 type, struct vdev *d, short ep, u8 value, u32 count, u64 tsc)
 {
+	static struct ev scratch;
 	if (nlog >= LOG_CAP) {
 		log_dropped++;
-		return;
+		return &scratch;
 	}
 	struct ev *e = &evlog[nlog++];
 	e->type = type;
@@ -30,6 +32,8 @@ static void log_ev(u8 type, struct vdev *d, short ep, u8 value, u32 count, u64 t
 	e->value = value;
 	e->count = count;
 	e->tsc = tsc;
+	e->issue = 0;
+	return e;
 }
 
 static const char *ev_names[] = { "status", "fault", "needs_reset", "reset_done", "timeout", "isr", "kick" };
@@ -50,6 +54,8 @@ static void flush_log(void)
 		if (e->type == EV_NEEDS_RESET || e->type == EV_RESET_DONE || e->type == EV_TIMEOUT)
 			put_kv_dec("reads", e->count);
 		put_kv_dec("tsc", e->tsc);
+		if (e->issue)
+			put_kv_dec("tsc_issue", e->issue);
 		line_end();
 	}
 	nlog = 0;
@@ -76,11 +82,11 @@ static int wait_needs_reset(struct vdev *d, short ep)
 	u64 deadline = rdtsc() + ms_to_tsc(detect_ms);
 	u32 reads = 0;
 	for (;;) {
-		u64 t;
-		u8 s = vd_status_stamped(d, &t);	/* stamped when the value has arrived */
+		u64 ti, t;
+		u8 s = vd_status_stamped(d, &ti, &t);
 		reads++;
 		if (s & S_NEEDS_RESET) {
-			log_ev(EV_NEEDS_RESET, d, ep, s, reads, t);
+			log_ev(EV_NEEDS_RESET, d, ep, s, reads, t)->issue = ti;
 			return 1;
 		}
 		if (t > deadline) {
@@ -96,11 +102,11 @@ static void reset_dev(struct vdev *d, short ep)
 	u64 deadline = rdtsc() + ms_to_tsc(reset_ms);
 	u32 reads = 0;
 	for (;;) {
-		u64 t;
-		u8 s = vd_status_stamped(d, &t);	/* stamped when the value has arrived */
+		u64 ti, t;
+		u8 s = vd_status_stamped(d, &ti, &t);
 		reads++;
 		if (!s) {
-			log_ev(EV_RESET_DONE, d, ep, s, reads, t);
+			log_ev(EV_RESET_DONE, d, ep, s, reads, t)->issue = ti;
 			return;
 		}
 		if (t > deadline) {
@@ -346,11 +352,11 @@ void guest_main(u32 magic, u32 info)
 				u64 deadline = rdtsc() + ms_to_tsc(detect_ms);
 				u32 reads = 0;
 				for (;;) {
-					u64 tr;
-					u8 s = vd_status_stamped(d, &tr);
+					u64 ti, tr;
+					u8 s = vd_status_stamped(d, &ti, &tr);
 					reads++;
 					if (s & S_NEEDS_RESET) {
-						log_ev(EV_NEEDS_RESET, d, (short)ep, s, reads, tr);
+						log_ev(EV_NEEDS_RESET, d, (short)ep, s, reads, tr)->issue = ti;
 						break;
 					}
 					if (tr > deadline) {

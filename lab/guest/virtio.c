@@ -263,26 +263,34 @@ u64 vd_set_status_stamped(struct vdev *d, u8 v)
 	return join(lo, hi);
 }
 
-u8 vd_status_stamped(struct vdev *d, u64 *tsc)
+/* `issue` is stamped just before the read, `tsc` just after the value arrived: the host's
+ * completion of the access lies in between (a wide window means the vCPU was held up). */
+u8 vd_status_stamped(struct vdev *d, u64 *issue, u64 *tsc)
 {
-	u32 lo, hi, v;
+	u32 lo, hi, ilo, ihi, v;
 	switch (d->t) {
 	case T_MODERN:
-		__asm__ volatile("movzbl (%%edi), %%ecx\n\trdtsc"
-				 : "=a"(lo), "=d"(hi), "=&c"(v) : "D"(d->common + C_STATUS) : "memory");
+		__asm__ volatile("rdtsc\n\tmovl %%eax, %%esi\n\tmovl %%edx, %%ebx\n\t"
+				 "movzbl (%%edi), %%ecx\n\trdtsc"
+				 : "=a"(lo), "=d"(hi), "=&c"(v), "=&S"(ilo), "=&b"(ihi)
+				 : "D"(d->common + C_STATUS) : "memory");
 		break;
 	case T_LEGACY: {
 		u32 dx = (u32)(d->io + L_STATUS);
-		__asm__ volatile("inb %%dx, %%al\n\tmovzbl %%al, %%ecx\n\trdtsc"
-				 : "=a"(lo), "+d"(dx), "=&c"(v) : : "memory");
+		__asm__ volatile("movl %%edx, %%edi\n\trdtsc\n\tmovl %%eax, %%esi\n\t"
+				 "xchgl %%edx, %%edi\n\tinb %%dx, %%al\n\tmovzbl %%al, %%ecx\n\trdtsc"
+				 : "=a"(lo), "+d"(dx), "=&c"(v), "=&S"(ilo), "=&D"(ihi) : : "memory");
 		hi = dx;
 		break;
 	}
 	default:
-		__asm__ volatile("movl (%%edi), %%ecx\n\trdtsc"
-				 : "=a"(lo), "=d"(hi), "=&c"(v) : "D"(d->mmio + M_STATUS) : "memory");
+		__asm__ volatile("rdtsc\n\tmovl %%eax, %%esi\n\tmovl %%edx, %%ebx\n\t"
+				 "movl (%%edi), %%ecx\n\trdtsc"
+				 : "=a"(lo), "=d"(hi), "=&c"(v), "=&S"(ilo), "=&b"(ihi)
+				 : "D"(d->mmio + M_STATUS) : "memory");
 		break;
 	}
+	*issue = join(ilo, ihi);
 	*tsc = join(lo, hi);
 	return (u8)v;
 }

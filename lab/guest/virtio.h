@@ -47,7 +47,7 @@ u8 vd_status(struct vdev *d);
 void vd_set_status(struct vdev *d, u8 v);
 /* the same, with the TSC taken adjacent to the access (before a write, after a read) */
 u64 vd_set_status_stamped(struct vdev *d, u8 v);
-u8 vd_status_stamped(struct vdev *d, u64 *tsc);
+u8 vd_status_stamped(struct vdev *d, u64 *issue, u64 *tsc);
 u8 vd_generation(struct vdev *d);
 u8 vd_config8(struct vdev *d, u32 off);
 u8 vd_isr(struct vdev *d);	/* reads (and acks) the interrupt status */

@@ -47,8 +47,9 @@ def test_dockerfile_contract():
 
 
 def test_dockerignore_keeps_what_the_dockerfile_copies():
-    ignore = (ROOT / ".dockerignore").read_text().splitlines()
-    assert ignore[0:1] == ["# Only what the Dockerfile copies: pyproject.toml, README.md, agent/, lab/ (Python), bpf/."]
+    ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*", "the build context should be deny-by-default"
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     for src in re.findall(r"^COPY (?!--from)(.+) \S+$", (ROOT / "Dockerfile").read_text(), re.M):
         for path in src.split():
@@ -120,7 +121,9 @@ def test_image_knows_its_bpf_sources(image):
     result = subprocess.run([podman, *PODMAN_RUN, "--rm", "--entrypoint", "sh", image, "-c",
                              'ls "$VRA_BPF_DIR"'], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert sorted(result.stdout.split()) == sorted(p.name for p in (ROOT / "bpf").glob("*.c"))
+    bpf_files = sorted(p.name for p in (ROOT / "bpf").iterdir() if p.is_file())
+    assert any(name.endswith(".c") for name in bpf_files)
+    assert sorted(result.stdout.split()) == bpf_files
 
 
 def _scrape(url: str) -> str:
