@@ -20,6 +20,7 @@ ARG BASE_IMAGE=docker.io/library/debian:bookworm-slim
 
 FROM ${BASE_IMAGE} AS build
 ARG DEBIAN_FRONTEND=noninteractive
+LABEL org.opencontainers.image.title="virtio-recovery-agent"
 # Unpinned on purpose: the versions are whatever the base's Debian release ships (security updates).
 # hadolint ignore=DL3008
 RUN apt-get update \

@@ -275,7 +275,10 @@ class AgentCollector(Collector):
         for outcome in ENDED_OUTCOMES:
             ended.add_metric([outcome], snap.episodes_ended.get(outcome, 0))
 
-        per_rule: dict[tuple[str, str, str], int] = {}
+        # Every tracked VM gets every rule at 0, so a VM's first violation is an increase.
+        per_rule: dict[tuple[str, str, str], int] = {
+            vm_labels + (rule,): 0 for vm_labels in {key[:2] for key in chosen} for rule in Rule.ALL
+        }
         for (vm, rule), count in snap.violations.items():
             rule = rule if rule in Rule.ALL else "other"
             key = _vm_labels(vm) + (rule,)

@@ -32,7 +32,9 @@ VIRTIO_MMIO_MAGIC = 0x74726976  # "virt" little-endian
 MODERN_MSIX_CONFIG_OFFSET = 0x10
 MODERN_STATUS_OFFSET = 0x14
 MODERN_CONFIG_GENERATION_OFFSET = 0x15
-MODERN_ALIGN = 4            # the spec requires the structure to be 4-byte aligned
+MODERN_ALIGN = 0x1000       # for pickup from a single access: QEMU and Cloud Hypervisor put
+                            # the common cfg at the start of a 4 KiB-aligned BAR region
+                            # (the spec only requires 4-byte alignment)
 
 # virtio-pci legacy I/O BAR (virtio 1.x 4.1.4.8)
 LEGACY_QUEUE_NOTIFY_OFFSET = 16
@@ -90,6 +92,8 @@ class Layout:
         }
 
     def aligned(self) -> bool:
+        """Is the base where VMMs put it? Required only to confirm a status register from one
+        access (a device initialised before the agent started), not from the 0,1,3 writes."""
         align = {Transport.MMIO: MMIO_ALIGN, Transport.PCI_MODERN: MODERN_ALIGN,
                  Transport.PCI_LEGACY: LEGACY_ALIGN}[self.transport]
         return self.base % align == 0

@@ -78,13 +78,28 @@ u32 pci_find_cap(u32 bdf, u8 id, u32 start)
 	return 0;
 }
 
+#define PIIX3 PCI_BDF(0, 1, 0)
+
 void pci_route_intx(void)
 {
-	u32 isa = PCI_BDF(0, 1, 0);
-	if (pci_read32(isa, 0) != 0x70008086u)	/* PIIX3 */
+	static const u8 irqs[4] = { 10, 10, 11, 11 };
+	if (pci_read32(PIIX3, 0) != 0x70008086u)
 		return;
-	pci_write8(isa, 0x60, 10);
-	pci_write8(isa, 0x61, 10);
-	pci_write8(isa, 0x62, 11);
-	pci_write8(isa, 0x63, 11);
+	for (u32 i = 0; i < 4; i++)
+		if (pci_read8(PIIX3, 0x60 + i) & 0x80)	/* not routed by the firmware */
+			pci_write8(PIIX3, 0x60 + i, irqs[i]);
+}
+
+u8 pci_intx_irq(u32 bdf)
+{
+	u8 pin = pci_read8(bdf, 0x3d);	/* 1 = INTA */
+	if (!pin || pci_read32(PIIX3, 0) != 0x70008086u)
+		return 0xff;
+	/* QEMU's i440fx swizzle (pci_slot_get_pirq): PIRQ = (slot - 1 + pin - 1) & 3 */
+	u32 pirq = (((bdf >> 3) & 0x1f) + pin - 2) & 3;
+	u8 irq = pci_read8(PIIX3, 0x60 + pirq);
+	if (irq & 0x80)
+		return 0xff;
+	pci_write8(bdf, 0x3c, irq);	/* interrupt line register, as a BIOS would */
+	return irq;
 }

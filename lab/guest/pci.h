@@ -16,7 +16,10 @@ void pci_write8(u32 bdf, u32 off, u8 v);
 void pci_assign_bars(u32 bdf, u64 bars[6], int is_io[6]);
 /* First capability with this id at or after `start` (0 = list head); 0 if none. */
 u32 pci_find_cap(u32 bdf, u8 id, u32 start);
-/* Route PIIX3 PIRQA-D to IRQ 10/10/11/11 so INTx reaches the interrupt controllers. */
+/* Route PIIX3 PIRQA-D the firmware left unrouted to IRQ 10/10/11/11 so INTx reaches the
+ * interrupt controllers. */
 void pci_route_intx(void);
+/* The ISA IRQ (= KVM GSI) the function's INTx pin is routed to; 0xff if none. */
+u8 pci_intx_irq(u32 bdf);
 
 #endif

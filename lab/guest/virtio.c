@@ -103,7 +103,7 @@ static void add_pci(u32 bdf, u16 id, enum transport t, enum irq_mode irq)
 	u64 bars[6];
 	int is_io[6];
 	pci_assign_bars(bdf, bars, is_io);
-	d->irq_line = pci_read8(bdf, 0x3c);
+	d->irq_line = pci_intx_irq(bdf);
 	if (t == T_LEGACY) {
 		if (!is_io[0])
 			return;	/* modern-only device: not for the legacy transport */
@@ -138,6 +138,49 @@ static void add_pci(u32 bdf, u16 id, enum transport t, enum irq_mode irq)
 	ndevs++;
 }
 
+/* IOAPICs of QEMU's microvm: the primary at 0xfec00000; with ioapic2 (the default with ACPI) a
+ * secondary at 0xfec10000 serving GSI 24-47, one pin per virtio-mmio slot; else slots use
+ * GSI 16+. microvm runs a split irqchip: QEMU's IOAPIC raises the pin as kvm_set_irq(pin) on
+ * KVM's routing table, whose entry for that number it points at the redirection entry's MSI. */
+#define IOAPIC1 0xfec00000u
+#define IOAPIC2 0xfec10000u
+
+static u32 ioapic_read(u32 base, u32 reg)
+{
+	mw32(base, reg);
+	return mr32(base + 0x10);
+}
+
+static void ioapic_write(u32 base, u32 reg, u32 v)
+{
+	mw32(base, reg);
+	mw32(base + 0x10, v);
+}
+
+/* Edge-triggered, fixed, physical destination APIC 0, unmasked: every rising edge of the
+ * device's line becomes one interrupt message with this vector (the guest never EOIs). */
+static void route_mmio_irq(struct vdev *d, u32 slot)
+{
+	u32 base, pin;
+	u32 ver2 = ioapic_read(IOAPIC2, 1);
+	if (ver2 != 0xffffffffu && ((ver2 >> 16) & 0xff) >= slot) {
+		base = IOAPIC2;
+		pin = slot;
+		/* QEMU (split irqchip) injects it as KVM GSI `pin` (kvm_set_irq), not 24 + pin */
+		d->irq_line = (u8)pin;
+	} else {
+		base = IOAPIC1;
+		pin = 16 + slot;
+		if (((ioapic_read(IOAPIC1, 1) >> 16) & 0xff) < pin)
+			return;	/* no pin for it: polling only */
+		d->irq_line = (u8)pin;
+	}
+	d->apic_vec_config = (u8)(0x40 + 2 * d->idx);
+	ioapic_write(base, 0x11 + 2 * pin, 0);
+	ioapic_write(base, 0x10 + 2 * pin, d->apic_vec_config);
+	d->ioapic_routed = 1;
+}
+
 static void discover_mmio(void)
 {
 	for (int i = 0; i < MMIO_SLOTS; i++) {
@@ -158,6 +201,8 @@ static void discover_mmio(void)
 		d->msix_config_vec = d->msix_queue_vec = 0xffff;
 		if (d->mmio_version != 2)
 			fatal("virtio_mmio_version_1_use_force-legacy=false");
+		d->irq_line = 0xff;
+		route_mmio_irq(d, (u32)i);
 		ndevs++;
 	}
 }
@@ -492,9 +537,13 @@ void virtio_print_dev(struct vdev *d)
 		put_kv_hex("msi_addr", 0xfee00000u);
 		put_kv_hex("msi_data_config", d->apic_vec_config);
 		put_kv_hex("msi_data_queue", d->apic_vec_queue);
-	} else if (d->t != T_MMIO) {
-		put_kv_dec("irq_line", d->irq_line);
+	} else if (d->ioapic_routed) {
+		/* virtio-mmio: the line goes through an IOAPIC entry the guest programmed */
+		put_kv_hex("msi_addr", 0xfee00000u);
+		put_kv_hex("msi_data_config", d->apic_vec_config);
 	}
+	if (!d->msix && d->irq_line != 0xff)
+		put_kv_dec("irq_line", d->irq_line);
 	put_kv_dec("qsize", d->qsize);
 	put_kv_hex("features", d->features);
 	line_end();

@@ -29,7 +29,8 @@ struct vdev {
 	int msix;		/* MSI-X enabled */
 	u16 msix_config_vec, msix_queue_vec;	/* virtio vectors (MSI-X table entries) read back */
 	u8 apic_vec_config, apic_vec_queue;	/* MSI data we programmed */
-	u8 irq_line;
+	u8 irq_line;		/* INTx / mmio line: the GSI; 0xff if unknown */
+	int ioapic_routed;	/* mmio: IOAPIC entry programmed with apic_vec_config */
 	u16 qsize;
 	u16 avail_idx;
 	u8 *ring;

@@ -141,6 +141,7 @@ def test_intx_device_has_no_msix(kvm: None) -> None:
     r = run(GuestSpec(transport="modern", scenario="init", irq="intx"))
     (d,) = r.devices
     assert d.irq == "intx" and d.msix_config is None and d.msi_data_config is None
+    assert d.irq_line is not None and 0 < d.irq_line < 16  # a PIIX3 PIRQ -> ISA IRQ
 
 
 def test_readstorm_reads_the_same_value(kvm: None) -> None:

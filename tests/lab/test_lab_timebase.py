@@ -25,17 +25,22 @@ _PIO = re.compile(r"-(\d+)\s.*?\s(\d+): kvm_pio: pio_(\S+) at 0x([0-9a-f]+) size
 
 
 class TraceInstance:
-    def __init__(self, event: str, filt: str):
+    """A private tracefs instance (clock x86-tsc) with some kvm events enabled."""
+
+    def __init__(self, events: dict[str, str]):
         self.dir = TRACEFS / "instances" / f"vra-lab-{uuid.uuid4().hex[:8]}"
-        self.event = event
+        self.events = events
         self.dir.mkdir()
         (self.dir / "trace_clock").write_text("x86-tsc")
-        (self.dir / "events" / "kvm" / event / "filter").write_text(filt)
-        (self.dir / "events" / "kvm" / event / "enable").write_text("1")
+        for event, filt in events.items():
+            if filt:
+                (self.dir / "events" / "kvm" / event / "filter").write_text(filt)
+            (self.dir / "events" / "kvm" / event / "enable").write_text("1")
 
     def read_and_close(self) -> str:
         try:
-            (self.dir / "events" / "kvm" / self.event / "enable").write_text("0")
+            for event in self.events:
+                (self.dir / "events" / "kvm" / event / "enable").write_text("0")
             return (self.dir / "trace").read_text()
         finally:
             os.rmdir(self.dir)
@@ -51,11 +56,17 @@ def _host_events(text: str, tids: set[int]) -> list[tuple[int, str, int]]:
     return out
 
 
-def _traced_run(spec: GuestSpec) -> tuple[LabResult, list[tuple[int, str, int]]]:
-    init = LabVM.start(GuestSpec(transport=spec.transport, scenario="init"))
-    addr = init.wait(30).raise_for_error().device(0).status_addr
-    trace = TraceInstance("kvm_pio", f"port == {addr:#x}") if spec.transport == "legacy" \
-        else TraceInstance("kvm_mmio", f"gpa == {addr:#x}")
+def _traced_run(spec: GuestSpec, events: dict[str, str] | None = None
+                ) -> tuple[LabResult, list[tuple[int, str, int]]]:
+    """Runs `spec` under a trace instance; returns the result and the trace lines of its
+    threads (raw) or, by default, its status accesses as (tsc, op, value)."""
+    raw = events is not None
+    if events is None:
+        init = LabVM.start(GuestSpec(transport=spec.transport, irq=spec.irq, scenario="init"))
+        addr = init.wait(30).raise_for_error().device(0).status_addr
+        events = {"kvm_pio": f"port == {addr:#x}"} if spec.transport == "legacy" \
+            else {"kvm_mmio": f"gpa == {addr:#x}"}
+    trace = TraceInstance(events)
     try:
         vm = LabVM.start(spec)
         try:
@@ -66,36 +77,53 @@ def _traced_run(spec: GuestSpec) -> tuple[LabResult, list[tuple[int, str, int]]]
             vm.kill()
     finally:
         text = trace.read_and_close()
+    if raw:
+        return result, [line for line in text.splitlines()
+                        if (m := re.search(r"-(\d+)\s+\[", line)) and int(m.group(1)) in tids]
     return result, _host_events(text, tids)
+
+
+WINDOW_SLACK_NS = 5_000          # guest and host read the same TSC; allow for rounding + skew
+UNDISTURBED_LAG_NS = 50_000      # KVM read completion -> guest stamp; longer: vCPU preempted
 
 
 @pytest.mark.parametrize("transport", ["modern", "mmio"])
 def test_guest_recovery_matches_kvm_tracepoints(bpf: None, transport: str) -> None:
-    spec = GuestSpec(transport=transport, scenario="recover", repeat=3, start_delay_ms=300)
+    spec = GuestSpec(transport=transport, scenario="recover", repeat=4, start_delay_ms=300)
     result, host = _traced_run(spec)
     assert result.boot is not None
     hz = result.boot.tsc_hz
+
+    def tsc(ns: int) -> int:
+        return result.boot.tsc + ns * hz // 10**9
+
+    def ns(cycles: int) -> float:
+        return cycles * 1e9 / hz
+
     reads = [h for h in host if h[1] == "read" and h[2] & 0x40]
-    writes_ok = [h for h in host if h[1] == "write" and h[2] & 0x04]
-    assert len(reads) >= 3, host
+    writes_ok = [h for h in host if h[1] == "write" and h[2] == 0x0F]
+    matched = 0
     for e in result.episodes:
-        # guest stamps (absolute TSC) of the two ends of the recovery
-        seen_tsc = result.boot.tsc + e.needs_reset_ns * hz // 10**9
-        ok_tsc = result.boot.tsc + e.driver_ok_ns * hz // 10**9
-        h_seen = min(reads, key=lambda h: abs(h[0] - seen_tsc))
-        h_ok = min(writes_ok, key=lambda h: abs(h[0] - ok_tsc))
-        print("seen gap", (h_seen[0] - seen_tsc) * 1e6 / hz, "ok gap", (h_ok[0] - ok_tsc) * 1e6 / hz)
-        host_ns = (h_ok[0] - h_seen[0]) * 10**9 / hz
-        guest_ns = e.recovery_ns
-        diff = abs(host_ns - guest_ns)
-        print(f"{transport} ep{e.ep}: guest {guest_ns / 1e3:.1f} us, KVM {host_ns / 1e3:.1f} us, "
-              f"diff {diff / 1e3:.1f} us")
-        assert diff <= max(50_000, 0.02 * host_ns)
-    gaps = [h_tsc - w.tsc for w in result.status_writes
-            for h_tsc, op, v in host if op == "write" and v == w.value
-            and abs(h_tsc - w.tsc) < hz // 1000]
-    assert gaps, "no guest status write matched a KVM event within 1 ms"
-    print(f"{transport}: KVM write event - guest stamp, median {statistics.median(gaps) * 1e6 / hz:.1f} us")
+        lo, hi = tsc(e.needs_reset_issue_ns), tsc(e.needs_reset_ns)
+        slack = WINDOW_SLACK_NS * hz // 10**9
+        inside = [h for h in reads if lo - slack <= h[0] <= hi + slack]
+        assert len(inside) == 1, f"ep{e.ep}: KVM's 0x4f read completion not in the guest window"
+        h_seen = inside[0]
+        ok = tsc(e.driver_ok_ns)
+        h_ok = min(writes_ok, key=lambda h: abs(h[0] - ok))
+        assert 0 <= ns(h_ok[0] - ok) < 1_000_000, "KVM's DRIVER_OK write not right after the stamp"
+        host_ns = ns(h_ok[0] - h_seen[0])
+        diff = abs(host_ns - e.recovery_ns)
+        print(f"{transport} ep{e.ep}: guest {e.recovery_ns / 1e3:.1f} us, KVM {host_ns / 1e3:.1f} us,"
+              f" diff {diff / 1e3:.1f} us, read window {e.needs_reset_window_ns / 1e3:.1f} us,"
+              f" completion->guest {ns(hi - h_seen[0]) / 1e3:.1f} us")
+        # If the vCPU thread is preempted between KVM completing the read and the guest's next
+        # instruction, the guest sees the value late: its own number is then honestly later.
+        lag = ns(hi - h_seen[0])
+        if lag <= UNDISTURBED_LAG_NS:
+            matched += 1
+            assert diff <= max(50_000, 0.02 * host_ns)
+    assert matched >= 1, "the vCPU was preempted after every detecting read; host too busy"
 
 
 def test_legacy_status_writes_match_kvm_pio(bpf: None) -> None:
@@ -107,3 +135,27 @@ def test_legacy_status_writes_match_kvm_pio(bpf: None) -> None:
     assert [h[2] for h in host_writes] == [0, 1, 3, 11, 15]
     for w, h in zip(writes, host_writes):
         assert 0 <= (h[0] - w.tsc) * 1e9 / hz < 50_000, (w, h)
+
+
+@pytest.mark.parametrize("transport, irq", [("modern", "msix"), ("legacy", "msix"),
+                                            ("modern", "intx"), ("mmio", "intx")])
+def test_config_interrupt_is_where_the_guest_says(bpf: None, transport: str, irq: str) -> None:
+    """After the fault QEMU sends the config interrupt: the MSI(-X) vector the guest programmed
+    (for virtio-mmio: through the IOAPIC entry it programmed), or INTx on the GSI it reports."""
+    spec = GuestSpec(transport=transport, irq=irq, scenario="fault", start_delay_ms=300,
+                     detect_ms=50)
+    result, lines = _traced_run(spec, {"kvm_set_irq": "level == 1", "kvm_msi_set_irq": "",
+                                       "kvm_apic_accept_irq": ""})
+    (dev,) = result.devices
+    (episode,) = result.episodes
+    accepted = [int(m.group(1)) for ln in lines if (m := re.search(r"kvm_apic_accept_irq: apicid 0 vec (\d+)", ln))]
+    raised = [int(m.group(1)) for ln in lines if (m := re.search(r"kvm_set_irq: gsi (\d+) level 1", ln))]
+    if transport == "legacy":
+        # no VERSION_1: virtio_error() sends no config interrupt
+        assert episode.timed_out
+        assert dev.msi_data_config not in accepted
+    elif dev.msi_data_config is not None:
+        assert dev.msi_data_config in accepted, (dev, lines[-20:])
+    else:
+        assert dev.irq_line is not None and dev.irq_line in raised, (dev, lines[-20:])
+        assert episode.isr is not None and episode.isr & 0x2

@@ -432,3 +432,15 @@ def test_annotate_device_sets_the_type_for_later_episodes():
     out += c.flush()
     [ep] = ended(out)
     assert ep.type == "net" and c.snapshot(s.t).devices[0].type == "net"
+
+
+def test_a_status_like_byte_off_the_common_cfg_position_is_not_picked_up():
+    s = Script()
+    dev = s.vm(3).device(Transport.PCI_MODERN, 0xFEBF3000)
+    dev.access(E.Op.READ, 0x4F, addr=0xFEBF5004)     # e.g. a MAC byte in device config
+    c, out = run(s.events)
+    assert c.snapshot(s.t).devices == [] and out == []
+    dev.access(E.Op.READ, 0x4F)                      # the real status at common cfg + 0x14
+    c, out = run(s.events)
+    [view] = c.snapshot(s.t).devices
+    assert view.device == "mmio-0xfebf3000" and view.needs_reset_total == 1
