@@ -1,7 +1,8 @@
 """Capture decoded kernel events to a JSON-lines file (the input of `replay`).
 
 Runs the BPF capture until --duration elapses or Ctrl-C, writing one agent.events JSON object
-per line. --watch-status SPACE:ADDR marks a status register as watched (for every --pid, and
+per line. The first event of each VMM is preceded by its VmStarted (name, namespace, uuid from
+/proc; never the command line), so replayed episodes carry VM names. --watch-status SPACE:ADDR marks a status register as watched (for every --pid, and
 for every VMM seen if no --pid is given) so it is forwarded on every change instead of going
 through the rate-limited discovery path. --pid keeps only those VMMs' events.
 """
@@ -14,6 +15,7 @@ from typing import Optional
 
 from agent.events import Register, Space, to_json
 from agent.model import WatchInterrupt, WatchRegister
+from agent.vmident import identify_vm
 
 MAX_PIDS = 4096  # bound on VMMs remembered for applying watches
 
@@ -58,6 +60,7 @@ class Recorder:
         self.vectors = vectors
         self.gsis = gsis
         self.seen: set[int] = set()
+        self.identified: set[int] = set()
         self.skipped_other_pid = 0
 
     def apply_watches(self, pid: int) -> None:
@@ -72,6 +75,18 @@ class Recorder:
         for g in self.gsis:
             self.cap.watch_interrupt(WatchInterrupt(pid=pid, gsi=g))
 
+    def write(self, out, ev) -> int:
+        """Write `ev`, preceded by its VMM's VmStarted the first time; returns lines written."""
+        lines = 0
+        if ev.pid not in self.identified and len(self.identified) < MAX_PIDS:
+            self.identified.add(ev.pid)
+            vm = identify_vm(ev.pid, ts_ns=ev.ts_ns)
+            if vm is not None:
+                out.write(to_json(vm) + "\n")
+                lines += 1
+        out.write(to_json(ev) + "\n")
+        return lines + 1
+
     def run(self, out, duration: Optional[float]) -> int:
         for pid in self.pids:
             self.apply_watches(pid)
@@ -85,15 +100,13 @@ class Recorder:
                         continue
                     if not self.pids:
                         self.apply_watches(ev.pid)
-                    out.write(to_json(ev) + "\n")
-                    written += 1
+                    written += self.write(out, ev)
                 out.flush()
         except KeyboardInterrupt:
             pass
         for ev in self.cap.poll(0):  # drain
             if not self.pids or ev.pid in self.pids:
-                out.write(to_json(ev) + "\n")
-                written += 1
+                written += self.write(out, ev)
         out.flush()
         return written
 

@@ -6,7 +6,7 @@ import os
 import threading
 import time
 
-from agent.events import Op, ProcessExit, RegisterAccess, from_json
+from agent.events import Op, ProcessExit, RegisterAccess, VmStarted, from_json
 from lab.harness import GuestSpec, LabVM, run
 
 
@@ -60,6 +60,9 @@ def test_record_writes_the_guest_handshake_as_json_lines(bpf, tmp_path):
 
     events = [from_json(line) for line in out.read_text().splitlines()]
     mine = [e for e in events if e.pid == vm.pid]
+    assert isinstance(mine[0], VmStarted), "the VMM's identity must precede its events"
+    assert mine[0].name == f"vra-lab-{spec.transport}-{spec.scenario}"
+    assert not any(isinstance(e, VmStarted) for e in mine[1:])
     assert any(isinstance(e, ProcessExit) for e in mine)
     writes = [e for e in mine if isinstance(e, RegisterAccess) and e.op == Op.WRITE
               and e.addr == dev.status_addr]

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from lab.harness import GUEST_ELF, GUEST_MULTIBOOT_ELF, GuestSpec, ensure_guest
+from lab.harness import GUEST_ELF, GUEST_MULTIBOOT_ELF, GuestSpec, ensure_guest, qemu_command
 
 XEN_ELFNOTE_PHYS32_ENTRY = 18
 
@@ -76,3 +76,24 @@ def test_cmdline_carries_every_scenario_parameter() -> None:
     assert kv["scenario"] == "recover" and kv["transport"] == "mmio"
     assert kv["delay_ms"] == "7" and kv["repeat"] == "3" and kv["fault_dev"] == "0"
     assert kv["irq"] == "intx"  # virtio-mmio has no MSI-X
+
+
+@pytest.mark.parametrize("spec, machine, device", [
+    (GuestSpec(transport="modern"), "pc", "virtio-rng-pci,id=vrng0,disable-legacy=on,disable-modern=off"),
+    (GuestSpec(transport="legacy"), "pc", "virtio-rng-pci,id=vrng0,disable-legacy=off,disable-modern=on"),
+    (GuestSpec(transport="modern", irq="intx"), "pc",
+     "virtio-rng-pci,id=vrng0,disable-legacy=on,disable-modern=off,vectors=0"),
+    (GuestSpec(transport="mmio"), "microvm", "virtio-rng-device,id=vrng0"),
+])
+def test_qemu_command_per_transport(tmp_path, monkeypatch, spec: GuestSpec, machine: str,
+                                    device: str) -> None:
+    monkeypatch.setenv("VRA_QEMU", "/usr/bin/qemu-system-x86_64")
+    cmd = qemu_command(spec, tmp_path)
+    assert cmd[cmd.index("-M") + 1] == machine
+    assert cmd[cmd.index("-device", cmd.index("isa-debug-exit,iobase=0xf4,iosize=0x04")) + 1] == device
+    assert ("-bios" in cmd) == (machine == "pc")
+    assert ("virtio-mmio.force-legacy=false" in cmd) == (machine == "microvm")
+    for flag in ("-nodefaults", "-no-user-config", "-no-reboot"):
+        assert flag in cmd
+    assert f"file:{tmp_path / 'serial.log'}" in cmd and str(tmp_path / "qemu.log") in cmd
+    assert cmd[cmd.index("-append") + 1] == spec.cmdline()
