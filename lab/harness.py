@@ -551,7 +551,7 @@ class LabVM:
             workdir.mkdir(parents=True, exist_ok=True)
             keep = True if keep_workdir is None else keep_workdir
         command = qemu_command(spec, workdir)
-        (workdir / "serial.log").touch()  # readable at once, before QEMU opens it
+        (workdir / "serial.log").write_bytes(b"")  # readable (and empty) before QEMU opens it
         stderr = open(workdir / "stderr.log", "wb")
         try:
             proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stderr,

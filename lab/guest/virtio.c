@@ -280,7 +280,7 @@ u8 vd_isr(struct vdev *d)
 
 /* Status accesses with the TSC read adjacent to the access instruction: writes are stamped
  * right before the write, reads right after the value arrived. Nothing else sits in between,
- * because under a hypervisor that emulates the guest each instruction can cost microseconds. */
+ * because under some KVMs (kvm_pvm) each guest instruction here can cost microseconds. */
 
 static inline u64 join(u32 lo, u32 hi) { return ((u64)hi << 32) | lo; }
 
@@ -382,8 +382,8 @@ void vd_negotiate(struct vdev *d)
 	}
 }
 
-/* Zeroes only the avail and used rings (descriptors are never used): in this lab KVM may be
- * emulating every guest instruction, so each store counts. */
+/* Zeroes only the avail and used rings (descriptors are never used): under some KVMs (kvm_pvm)
+ * this paging-off guest pays microseconds per store, so each store counts. */
 static void clear_rings(struct vdev *d)
 {
 	u32 *avail = (u32 *)(d->ring + 16u * d->qsize);
