@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 
 from agent.events import EVENT_TYPES
 from agent.model import (
-    PHASES, EpisodeEnded, Outcome, Rule, Snapshot, Transport, VmIdentity,
+    PHASES, EpisodeEnded, Evidence, Outcome, Rule, Snapshot, Transport, VmIdentity,
 )
 
 BUCKETS: tuple[float, ...] = (
@@ -42,6 +42,9 @@ FILTER_REASONS = ("repeat", "unwatched", "uninteresting_irq", "rate_limited", "u
 LOST_REASONS = ("ringbuf_full", "decode_error", "candidate_map_full", "watch_map_full",
                 "kernel_read_error", "user_read_error", "correlation_error", "poll_error")
 ENDED_OUTCOMES = (Outcome.RECOVERED, Outcome.ABANDONED)
+# QMP confirmation of suspected NEEDS_RESET (agent/confirm.py)
+VMM_QUERY_RESULTS = ("needs_reset", "clear", "unmatched", "error")
+VMM_SKIP_REASONS = ("no_socket", "rate_limited", "overflow")
 
 
 def bounded_type(value: str) -> str:
@@ -141,6 +144,8 @@ class SelfStats:
     map_capacity: dict[str, int] = field(default_factory=dict)      # BPF map -> max_entries
     prog_run_time_ns: Optional[dict[str, int]] = None               # None: bpf stats are off
     prog_run_count: Optional[dict[str, int]] = None
+    vmm_queries: dict[str, int] = field(default_factory=dict)       # result -> QMP probes made
+    vmm_skipped: dict[str, int] = field(default_factory=dict)       # reason -> probes not made
 
 
 @dataclass(frozen=True)
@@ -239,9 +244,24 @@ class AgentCollector(Collector):
         evictions = CounterMetricFamily("virtio_agent_evictions_total",
                                         "Entries evicted because a bound was reached.",
                                         labels=["what"])
+        suspected = GaugeMetricFamily(
+            "virtio_device_needs_reset_suspected",
+            "1 while NEEDS_RESET is suspected from kernel evidence only (config interrupt, then "
+            "kicks without completion, status never read) and not confirmed by the VMM.",
+            labels=dev)
+        no_progress = GaugeMetricFamily(
+            "virtio_device_no_progress_seconds",
+            "Seconds since the config interrupt after which a suspected device made no progress.",
+            labels=dev)
+        started = CounterMetricFamily(
+            "virtio_episodes_started_total",
+            "NEEDS_RESET episodes started, by the evidence that decided: status_read, "
+            "config_interrupt, vhost (kernel) or vmm (QEMU confirmed a kernel suspicion).",
+            labels=["evidence"])
         families: list[Metric] = [info, status, needs_reset, recoveries, resets, failed,
                                   config_irqs, unrecovered, stuck, stuck_total, ended,
-                                  violations, vms, devices, evictions]
+                                  violations, vms, devices, evictions, suspected, no_progress,
+                                  started]
         snap = snap or Snapshot(now_ns=0, devices=[], violations={}, episodes_ended={}, vms=0,
                                 evictions={})
 
@@ -263,6 +283,9 @@ class AgentCollector(Collector):
             resets.add_metric(labels, d.resets_total)
             failed.add_metric(labels, d.failed_total)
             config_irqs.add_metric(labels, d.config_interrupts_total)
+            if d.suspected_since_ns is not None:
+                suspected.add_metric(labels, 1)
+                no_progress.add_metric(labels, max(0, snap.now_ns - d.suspected_since_ns) / 1e9)
             ep = d.open_episode
             if ep is not None:
                 age = ep.age_seconds(snap.now_ns)
@@ -286,8 +309,11 @@ class AgentCollector(Collector):
         for key, count in sorted(per_rule.items()):
             violations.add_metric(list(key), count)
 
+        for evidence in sorted(set(Evidence.ALL) | set(snap.episodes_started)):
+            if evidence in Evidence.ALL:
+                started.add_metric([evidence], snap.episodes_started.get(evidence, 0))
         vms.add_metric([], snap.vms)
-        devices.add_metric([], len(snap.devices))
+        devices.add_metric([], sum(1 for d in snap.devices if not d.exited))
         for what in ("vm", "device"):
             evictions.add_metric([what], snap.evictions.get(what, 0))
         return families
@@ -324,7 +350,19 @@ class AgentCollector(Collector):
                                      "max_entries of each BPF map.", labels=["map"])
         for name, n in sorted(s.map_capacity.items()):
             capacity.add_metric([name], n)
-        families: list[Metric] = [build, hooks, events, filtered, lost, entries, capacity]
+        queries = CounterMetricFamily(
+            "virtio_agent_vmm_queries_total",
+            "QMP probes made to confirm a suspected NEEDS_RESET, by result.", labels=["result"])
+        for result in VMM_QUERY_RESULTS:
+            queries.add_metric([result], s.vmm_queries.get(result, 0))
+        skipped = CounterMetricFamily(
+            "virtio_agent_vmm_queries_skipped_total",
+            "Suspicions not sent to the VMM: no_socket, rate_limited, overflow.",
+            labels=["reason"])
+        for reason in VMM_SKIP_REASONS:
+            skipped.add_metric([reason], s.vmm_skipped.get(reason, 0))
+        families: list[Metric] = [build, hooks, events, filtered, lost, entries, capacity,
+                                  queries, skipped]
         if s.prog_run_time_ns is not None:
             run_time = CounterMetricFamily("virtio_agent_bpf_run_time_seconds_total",
                                            "BPF program run time (kernel.bpf_stats_enabled).",

@@ -27,6 +27,9 @@ class Evidence:
     STATUS_READ = "status_read"          # the guest read a status with 0x40 set
     CONFIG_INTERRUPT = "config_interrupt"  # config interrupt, confirmed by a later 0x40 read
     VHOST = "vhost"                      # VHOST_VDPA_GET_STATUS returned 0x40
+    VMM = "vmm"                          # the VMM (QEMU x-query-virtio-status) confirmed a
+                                         # kernel-side suspicion (the guest never read status)
+    ALL = (STATUS_READ, CONFIG_INTERRUPT, VHOST, VMM)
 
 
 class Rule:
@@ -132,7 +135,20 @@ class WatchInterrupt:
     add: bool = True
 
 
-Output = Union[EpisodeEnded, EpisodeStuck, Violation, WatchRegister, WatchInterrupt]
+@dataclass(frozen=True, slots=True)
+class NeedsResetSuspected:
+    """Kernel evidence only: a config interrupt, then kicks with no completion and no status read
+    for the suspicion window (how Linux guests, which ignore NEEDS_RESET, look from the host).
+    Emitted once per suspicion; the caller may ask the VMM (Correlator.vmm_status)."""
+
+    ts_ns: int
+    vm: VmIdentity
+    device: str
+    since_ns: int             # the config interrupt that started it (no progress since)
+
+
+Output = Union[EpisodeEnded, EpisodeStuck, Violation, WatchRegister, WatchInterrupt,
+               NeedsResetSuspected]
 
 
 @dataclass(slots=True)
@@ -148,6 +164,9 @@ class DeviceView:
     failed_total: int = 0
     config_interrupts_total: int = 0
     open_episode: Optional[Episode] = None
+    suspected_since_ns: Optional[int] = None   # NEEDS_RESET suspected (kernel evidence), not
+                                               # confirmed: no progress since this config irq
+    exited: bool = False                       # the VM exited; kept for a while (retention)
 
 
 @dataclass(slots=True)
@@ -160,3 +179,5 @@ class Snapshot:
     episodes_ended: dict[str, int]                  # outcome -> count
     vms: int
     evictions: dict[str, int]                       # "vm" | "device" -> count
+    episodes_started: dict[str, int] = field(default_factory=dict)  # evidence -> count
+    suspicions: int = 0                             # NeedsResetSuspected emitted (cumulative)

@@ -24,7 +24,10 @@ from typing import Any, Callable, Iterable, Optional
 from agent.episode_log import EpisodeLog
 from agent.events import ProcessExit, VmStarted
 from agent.metrics import AgentCollector, EpisodeHistograms, SelfStats
-from agent.model import EpisodeEnded, EpisodeStuck, Snapshot, Violation, WatchInterrupt, WatchRegister
+from agent.model import (
+    EpisodeEnded, EpisodeStuck, NeedsResetSuspected, Snapshot, Violation, WatchInterrupt,
+    WatchRegister,
+)
 
 log = logging.getLogger("agent.run")
 
@@ -38,6 +41,7 @@ DEFAULTS = {
     "tls_cert": "",
     "tls_key": "",
     "log_level": "info",
+    "vmm_probe": "on",
 }
 ENV = {name: "VRA_" + name.upper() for name in DEFAULTS}
 POLL_MS = 100
@@ -130,6 +134,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--tls-cert", "tls_cert", str, "serve /metrics over HTTPS with this PEM certificate",
         "FILE")
     opt("--tls-key", "tls_key", str, "PEM private key for --tls-cert", "FILE")
+    opt("--vmm-probe", "vmm_probe", _choice("on", "off"),
+        "ask QEMU over QMP (x-query-virtio-status) about a suspected NEEDS_RESET", "on|off")
 
 
 # --- logging -------------------------------------------------------------------------------------
@@ -194,7 +200,10 @@ class Agent:
 
     def __init__(self, capture, correlator, identify: Callable[[int], Optional[VmStarted]],
                  episode_log: Optional[EpisodeLog] = None, stuck_after_s: float = 60.0,
-                 max_vms: int = 256, core_hooks: Iterable[str] = ()) -> None:
+                 max_vms: int = 256, core_hooks: Iterable[str] = (),
+                 confirmer=None) -> None:
+        # confirmer: agent.confirm.VmmConfirmer (asks QEMU about suspected NEEDS_RESET) or None
+        self.confirmer = confirmer
         self.capture = capture
         self.correlator = correlator
         self.identify = identify
@@ -224,6 +233,9 @@ class Agent:
         s.events = events
         s.lost["correlation_error"] = s.lost.get("correlation_error", 0) + correlation_errors
         s.lost["poll_error"] = s.lost.get("poll_error", 0) + poll_errors
+        if self.confirmer is not None:
+            s.vmm_queries = dict(self.confirmer.queries)
+            s.vmm_skipped = dict(self.confirmer.skipped)
         return s
 
     def health(self) -> tuple[bool, str]:
@@ -254,6 +266,8 @@ class Agent:
                     log.exception("correlation tick failed")
                     outputs = []
                 self._apply(outputs)
+            if self.confirmer is not None:
+                self._confirmations()
             self.counters.loops += 1
             self.counters.last_loop_monotonic = time.monotonic()
         return len(events)
@@ -289,8 +303,22 @@ class Agent:
         else:
             self._remember(pid)
         self._feed(ev)
+        if isinstance(ev, ProcessExit) and self.confirmer is not None:
+            self.confirmer.forget_pid(pid)
         if isinstance(ev, ProcessExit):
             self._seen.pop(pid, None)
+
+    def _confirmations(self) -> None:
+        """Apply the VMM's answers about suspected devices (agent.confirm)."""
+        for v in self.confirmer.poll():
+            try:
+                outputs = self.correlator.vmm_status(v.pid, v.device, v.ts_ns, v.needs_reset,
+                                                     v.type)
+            except Exception:
+                self.counters.correlation_errors += 1
+                log.exception("applying the VMM verdict for %s failed", v.device)
+                continue
+            self._apply(outputs)
 
     def _remember(self, pid: int) -> None:
         self._seen[pid] = None
@@ -309,6 +337,12 @@ class Agent:
                     self.histograms.observe(out)
                     if self.episode_log is not None:
                         self.episode_log.write(out)
+                elif isinstance(out, NeedsResetSuspected):
+                    log.warning("NEEDS_RESET suspected for VM %s device %s (kernel evidence: "
+                                "config interrupt, then kicks without completion)",
+                                out.vm.name, out.device)
+                    if self.confirmer is not None:
+                        self.confirmer.submit(out)
                 elif isinstance(out, Violation):
                     log.warning("spec violation %s by VM %s device %s: %s", out.rule,
                                 out.vm.name, out.device, out.detail)
@@ -368,7 +402,12 @@ def build_agent(args: argparse.Namespace, episode_stream=None) -> Agent:
             log.info("hook %s attached", name)
         else:
             log.warning("hook %s not attached: %s", name, st.reason)
-    return Agent(capture, correlator, identify_vm,
+    confirmer = None
+    if getattr(args, "vmm_probe", "on") == "on":
+        from agent.confirm import VmmConfirmer
+
+        confirmer = VmmConfirmer()
+    return Agent(capture, correlator, identify_vm, confirmer=confirmer,
                  episode_log=EpisodeLog(episode_stream or sys.stdout),
                  stuck_after_s=args.stuck_after, max_vms=args.max_vms,
                  core_hooks=core_hooks(hooks))

@@ -55,11 +55,11 @@ def machine() -> str:
 
 
 @contextlib.contextmanager
-def bpf_stats_enabled() -> Iterator[str]:
-    """kernel.bpf_stats_enabled=1 for the block; the previous value is restored after.
+def bpf_stats_enabled(value: str = "1") -> Iterator[str]:
+    """kernel.bpf_stats_enabled=value for the block; the previous value is restored after.
     Yields the previous value."""
     old = BPF_STATS.read_text().strip()
-    BPF_STATS.write_text("1")
+    BPF_STATS.write_text(value)
     try:
         yield old
     finally:

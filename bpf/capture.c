@@ -67,14 +67,21 @@
 #define C_USER_READ_ERROR 13
 #define C_INFLIGHT_FULL 14
 #define C_KERNEL_READ_ERROR 15
-#define C_NCOUNTERS 16
+#define C_ACTIVITY_FORWARDED 16  // unwatched MSIs / kicks forwarded by activity discovery
+#define C_ACTIVITY_FOLDED 17     // ... folded (same vector / address within the interval)
+#define C_NCOUNTERS 18
 
 // config array slots; written by userspace before attaching
 #define CFG_DISCOVERY_RATE 0   // candidate events per second per VM (0 = discovery off)
 #define CFG_DISCOVERY_BURST 1  // bucket size
 #define CFG_PIO_MIN_PORT 2     // lowest candidate port: below are ISA devices and PCI config (0xcf8)
 #define CFG_INFLIGHT 3         // (kernel-owned) threads inside VHOST_VDPA_GET_STATUS right now
-#define CFG_N 4
+#define CFG_ACTIVITY_RATE 4    // activity events (unwatched MSIs, kicks) per second per VM (0 = off)
+#define CFG_ACTIVITY_BURST 5
+#define CFG_ACTIVITY_INTERVAL 6  // ns: one event per MSI vector / notify address per interval
+#define CFG_N 8
+
+#define SPACE_NOTIFY 2    // candidates-map key space of queue notify addresses (never watched)
 
 struct event {
     u64 ts;
@@ -134,6 +141,8 @@ BPF_HASH(watch, struct reg_key, struct watch_val, WATCH_ENTRIES);
 BPF_TABLE("lru_hash", struct reg_key, struct reg_state, candidates, CAND_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct bucket, buckets, VM_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, tracked, VM_ENTRIES);
+BPF_TABLE("lru_hash", u32, struct bucket, abuckets, VM_ENTRIES);
+BPF_TABLE("lru_hash", struct irq_key, u64, irq_seen, CAND_ENTRIES);
 BPF_HASH(irq_watch, struct irq_key, u8, IRQ_ENTRIES);
 BPF_TABLE("lru_hash", u64, struct inflight, inflight_ioctl, INFLIGHT_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
@@ -185,18 +194,22 @@ static __always_inline void submit(struct event *e)
         tracked.update(&tgid, &one);
 }
 
-// token bucket per VM (tokens scaled by 1e9 to stay in integers)
-static __always_inline int take_token(u32 tgid)
+// token bucket per VM (tokens scaled by 1e9 to stay in integers); `activity` selects the
+// bucket of unwatched MSIs and kicks, else the one of status-register candidates
+static __always_inline int take_token(u32 tgid, int activity)
 {
-    u64 rate = cfg(CFG_DISCOVERY_RATE);
+    u64 rate = cfg(activity ? CFG_ACTIVITY_RATE : CFG_DISCOVERY_RATE);
     if (rate == 0)
         return 0;
-    u64 cap = cfg(CFG_DISCOVERY_BURST) * 1000000000ULL;
+    u64 cap = cfg(activity ? CFG_ACTIVITY_BURST : CFG_DISCOVERY_BURST) * 1000000000ULL;
     u64 now = bpf_ktime_get_ns();
-    struct bucket *b = buckets.lookup(&tgid);
+    struct bucket *b = activity ? abuckets.lookup(&tgid) : buckets.lookup(&tgid);
     if (!b) {
         struct bucket nb = {.stamp_ns = now, .tokens = cap - 1000000000ULL};
-        buckets.update(&tgid, &nb);
+        if (activity)
+            abuckets.update(&tgid, &nb);
+        else
+            buckets.update(&tgid, &nb);
         return 1;
     }
     u64 tokens = b->tokens + (now - b->stamp_ns) * rate;
@@ -224,6 +237,8 @@ static __always_inline int is_candidate(u32 space, u64 addr, u32 size, u64 value
     return size == 4 && (addr & 0x1ff) == 0x70;
 }
 
+static __always_inline void handle_notify(u64 gpa);
+
 static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, u64 value)
 {
     struct reg_key k = {};
@@ -239,6 +254,11 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
         reg = w->reg;
         st = &w->st;
     } else {
+        // virtio-mmio QueueNotify (+0x50, 32-bit write; an in-kernel ioeventfd with data match)
+        if (space == SPACE_MMIO && op == OP_WRITE && size == 4 && (addr & 0x1ff) == 0x50) {
+            handle_notify(addr);
+            return;
+        }
         if (!is_candidate(space, addr, size, value)) {
             count(C_UNWATCHED);
             return;
@@ -263,7 +283,7 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
         count(C_REPEAT);
         return;
     }
-    if (candidate && !take_token(k.tgid)) {
+    if (candidate && !take_token(k.tgid, 0)) {
         count(C_RATE_LIMITED);
         return;
     }
@@ -282,6 +302,18 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
     st->op = op;
     st->valid = 1;
     submit(e);
+}
+
+static __always_inline int irq_watched(u32 kind, u32 num)
+{
+    struct irq_key k = {};
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.kind = kind;
+    k.num = num;
+    if (irq_watch.lookup(&k))
+        return 1;
+    k.tgid = 0;
+    return irq_watch.lookup(&k) != 0;
 }
 
 static __always_inline int irq_interesting(u32 kind, u32 num)
@@ -308,14 +340,48 @@ static __always_inline void handle_mmio(u32 type, u32 len, u64 gpa, u64 val)
     handle_access(SPACE_MMIO, type == 2 ? OP_WRITE : OP_READ, gpa, len, val);
 }
 
-static __always_inline void handle_fast_mmio(u64 gpa)
+// A queue kick (fast MMIO ioeventfd, or a virtio-mmio QueueNotify write). Kicks come as fast
+// as the guest likes, so per address at most one is forwarded per CFG_ACTIVITY_INTERVAL (the
+// rest are folded into the next one's `repeats`); unwatched addresses also need a token of the
+// VM's activity bucket. Correlation uses them to tell a device that is still driven from one
+// that is idle.
+static __always_inline void handle_notify(u64 gpa)
 {
     struct reg_key k = {};
     k.tgid = bpf_get_current_pid_tgid() >> 32;
     k.space = SPACE_MMIO;
     k.addr = gpa;
-    if (!watch.lookup(&k)) {
-        count(C_UNWATCHED);
+    struct reg_state *st;
+    int candidate = 0;
+    struct watch_val *w = watch.lookup(&k);
+    if (w) {
+        st = &w->st;
+    } else {
+        if (cfg(CFG_ACTIVITY_RATE) == 0) {
+            count(C_UNWATCHED);
+            return;
+        }
+        candidate = 1;
+        k.space = SPACE_NOTIFY;
+        st = candidates.lookup(&k);
+        if (!st) {
+            struct reg_state z = {};
+            candidates.update(&k, &z);
+            st = candidates.lookup(&k);
+            if (!st) {
+                count(C_CANDIDATE_MAP_FULL);
+                return;
+            }
+        }
+    }
+    u64 now = bpf_ktime_get_ns();
+    if (st->valid && now - st->last < cfg(CFG_ACTIVITY_INTERVAL)) {
+        __sync_fetch_and_add(&st->repeats, 1);
+        count(candidate ? C_ACTIVITY_FOLDED : C_REPEAT);
+        return;
+    }
+    if (candidate && !take_token(k.tgid, 1)) {
+        count(C_RATE_LIMITED);
         return;
     }
     struct event *e = reserve(EV_FAST_MMIO);
@@ -324,13 +390,53 @@ static __always_inline void handle_fast_mmio(u64 gpa)
     e->addr = gpa;
     e->space = SPACE_MMIO;
     e->op = OP_WRITE;
+    e->repeats = st->repeats;
+    st->repeats = 0;
+    st->last = now;
+    st->valid = 1;
+    if (candidate)
+        count(C_ACTIVITY_FORWARDED);
     submit(e);
+}
+
+static __always_inline void handle_fast_mmio(u64 gpa)
+{
+    handle_notify(gpa);
+}
+
+// An MSI on a vector nobody watches yet: forwarded at most once per vector per interval and
+// within the VM's activity bucket, so correlation can learn config vectors (the MSI right
+// before a config_generation read) and see queue completions. Only MSIs: LAPIC timer and IPI
+// vectors never pass here (they would in kvm_apic_accept_irq).
+static __always_inline int msi_discovered(u32 vector)
+{
+    if (cfg(CFG_ACTIVITY_RATE) == 0)
+        return 0;
+    struct irq_key k = {};
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.kind = IRQ_KIND_VECTOR;
+    k.num = vector;
+    u64 now = bpf_ktime_get_ns();
+    u64 *last = irq_seen.lookup(&k);
+    if (last && now - *last < cfg(CFG_ACTIVITY_INTERVAL)) {
+        count(C_ACTIVITY_FOLDED);
+        return 0;
+    }
+    if (!take_token(k.tgid, 1)) {
+        count(C_RATE_LIMITED);
+        return 0;
+    }
+    irq_seen.update(&k, &now);
+    count(C_ACTIVITY_FORWARDED);
+    return 1;
 }
 
 static __always_inline void handle_msi(u64 address, u64 data)
 {
-    if (!irq_interesting(IRQ_KIND_VECTOR, data & 0xff))
+    if (!irq_watched(IRQ_KIND_VECTOR, data & 0xff) && !msi_discovered(data & 0xff)) {
+        count(C_UNINTERESTING_IRQ);
         return;
+    }
     struct event *e = reserve(EV_MSI);
     if (!e)
         return;
@@ -373,6 +479,7 @@ static __always_inline void handle_exit(int group_dead)
         return;
     tracked.delete(&tgid);
     buckets.delete(&tgid);
+    abuckets.delete(&tgid);
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_RINGBUF_FULL);

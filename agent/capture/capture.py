@@ -20,10 +20,14 @@ log = logging.getLogger(__name__)
 
 SOURCE = "capture.c"
 # maps whose fill is reported (name -> grows with guests)
-REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl")
+REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl",
+                 "abuckets", "irq_seen")
 CFG_DISCOVERY_RATE = 0
 CFG_DISCOVERY_BURST = 1
 CFG_PIO_MIN_PORT = 2
+CFG_ACTIVITY_RATE = 4
+CFG_ACTIVITY_BURST = 5
+CFG_ACTIVITY_INTERVAL = 6
 
 
 class CaptureError(RuntimeError):
@@ -59,7 +63,8 @@ class Capture:
 
     def __init__(self, hooks: Optional[Iterable[str]] = None, ringbuf_pages: int = 64, *,
                  discovery_rate: int = 200, discovery_burst: int = 64,
-                 pio_min_port: int = 0x1000,
+                 pio_min_port: int = 0x1000, activity_rate: int = 100,
+                 activity_burst: int = 64, activity_interval_ms: int = 200,
                  raw_tracepoints: Optional[bool] = None, watch_entries: int = 4096,
                  candidate_entries: int = 4096, vm_entries: int = 1024,
                  irq_entries: int = 4096) -> None:
@@ -71,6 +76,12 @@ class Capture:
             raise ValueError(f"ringbuf_pages must be a power of two, got {ringbuf_pages}")
         if discovery_rate < 0 or discovery_burst < 1:
             raise ValueError("discovery_rate must be >= 0 and discovery_burst >= 1")
+        if activity_rate < 0 or activity_burst < 1 or activity_interval_ms < 1:
+            raise ValueError("activity_rate must be >= 0, activity_burst and "
+                             "activity_interval_ms >= 1")
+        self.activity_rate = activity_rate
+        self.activity_burst = activity_burst
+        self.activity_interval_ms = activity_interval_ms
         self.families = sorted(names)
         self.ringbuf_pages = ringbuf_pages
         self.discovery_rate = discovery_rate
@@ -210,6 +221,10 @@ class Capture:
         cfg[ctypes.c_int(CFG_DISCOVERY_RATE)] = ctypes.c_uint64(self.discovery_rate)
         cfg[ctypes.c_int(CFG_DISCOVERY_BURST)] = ctypes.c_uint64(self.discovery_burst)
         cfg[ctypes.c_int(CFG_PIO_MIN_PORT)] = ctypes.c_uint64(self.pio_min_port)
+        cfg[ctypes.c_int(CFG_ACTIVITY_RATE)] = ctypes.c_uint64(self.activity_rate)
+        cfg[ctypes.c_int(CFG_ACTIVITY_BURST)] = ctypes.c_uint64(self.activity_burst)
+        cfg[ctypes.c_int(CFG_ACTIVITY_INTERVAL)] = ctypes.c_uint64(
+            self.activity_interval_ms * 1_000_000)
 
     # ---- events ----------------------------------------------------------------------
     def _on_event(self, _ctx, data, size) -> None:

@@ -32,7 +32,7 @@ COUNTERS = (
     "forwarded", "repeat", "unwatched", "uninteresting_irq", "rate_limited", "ringbuf_full",
     "unsatisfied_read", "candidate_map_full", "vhost_ioctl", "kvm_signal_msi", "kvm_irqfd",
     "kvm_ioeventfd", "kvm_set_gsi_routing", "user_read_error", "inflight_full",
-    "kernel_read_error",
+    "kernel_read_error", "activity_forwarded", "activity_folded",
 )
 
 IRQ_KIND_VECTOR = 0

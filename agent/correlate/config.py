@@ -42,13 +42,21 @@ class CorrelatorConfig:
     max_candidates_per_vm: int = 64       # discovery candidate addresses kept per VM (LRU)
     max_recent_interrupts: int = 32       # per VM, for attributing interrupts after the fact
     max_reinit_values: int = 16           # per episode
+    # NEEDS_RESET suspected (kernel evidence) when, after a config interrupt, the device is kicked
+    # and nothing in the VM completes (no queue interrupt) for this long
+    suspect_window_ns: int = 1 * S
+    suspect_idle_ns: int = 30 * S         # a config interrupt not followed by a kick this long: dropped
+    retain_exited_ns: int = 120 * S       # an exited VM's devices stay in snapshots this long (0: not)
     hints: tuple[DeviceHint, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("stuck_after_ns", "max_vms", "max_devices", "notify_window_ns",
-                     "max_candidates_per_vm", "max_recent_interrupts", "max_reinit_values"):
+                     "max_candidates_per_vm", "max_recent_interrupts", "max_reinit_values",
+                     "suspect_window_ns", "suspect_idle_ns"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"CorrelatorConfig.{name} must be a positive integer, not {value!r}")
         if not isinstance(self.reorder_window_ns, int) or self.reorder_window_ns < 0:
             raise ValueError("CorrelatorConfig.reorder_window_ns must be an integer >= 0")
+        if not isinstance(self.retain_exited_ns, int) or self.retain_exited_ns < 0:
+            raise ValueError("CorrelatorConfig.retain_exited_ns must be an integer >= 0")

@@ -12,22 +12,29 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from agent.events import (
-    ApicAccepted, Event, IrqLine, MsiInjected, Op, ProcessExit,
+    DRIVER_OK, ApicAccepted, Event, IrqLine, MsiInjected, Op, ProcessExit,
     QueueNotify, Register, RegisterAccess, Space, VhostStatus, VmStarted,
 )
 from agent.model import (
-    DeviceView, EpisodeEnded, EpisodeStuck, Evidence, Output, Rule, Snapshot, Transport,
-    Violation, VmIdentity, WatchInterrupt, WatchRegister,
+    DeviceView, EpisodeEnded, EpisodeStuck, Evidence, NeedsResetSuspected, Output, Rule,
+    Snapshot, Transport, Violation, VmIdentity, WatchInterrupt, WatchRegister,
 )
 from agent.correlate.config import CorrelatorConfig, DeviceHint
 from agent.correlate.device import DeviceState, copy_episode
 from agent.correlate.reorder import ReorderBuffer
 from agent.correlate.layout import (
-    MMIO_ALIGN, MMIO_DEVICE_ID_OFFSET, MMIO_MAGIC_OFFSET, VIRTIO_MMIO_MAGIC, Layout, layout_for,
+    MMIO_ALIGN, MMIO_DEVICE_ID_OFFSET, MMIO_QUEUE_NOTIFY_OFFSET, MMIO_MAGIC_OFFSET, VIRTIO_MMIO_MAGIC, Layout, layout_for,
     looks_initialised, type_from_virtio_id,
 )
 
 ISR_CONFIG = 0x2        # ISR status / InterruptStatus bit: configuration change
+ISR_QUEUE = 0x1         # ISR status / InterruptStatus bit: used buffer (progress)
+# QEMU's modern virtio-pci BAR layout: common cfg at +0, ISR +0x1000, device cfg +0x2000,
+# notify +0x3000 (0x1000 long; queue n at +4n, or +0x1000*n with page-per-vq). Kicks are matched
+# to the device whose common cfg lies at notify - [0x3000, 0x4000).
+QEMU_NOTIFY_OFFSET = 0x3000
+QEMU_NOTIFY_SIZE = 0x1000
+MAX_NOTIFY_PER_VM = 256
 RESET_SEQUENCE = (0, 1, 3)  # writes that confirm a status register
 
 
@@ -51,6 +58,9 @@ class VmState:
     recent_apic: deque = field(default_factory=deque)   # (ts, vector)
     recent_irq: deque = field(default_factory=deque)    # (ts, gsi) rising edges
     vectors: dict[int, DeviceState] = field(default_factory=dict)
+    recent_msi: deque = field(default_factory=deque)    # (ts, vector) of discovered MSIs
+    last_progress_ns: int = -1        # last queue completion evidence (MSI off config vectors)
+    notify: dict[int, Optional[DeviceState]] = field(default_factory=dict)  # kick addr -> device
 
     @property
     def busy(self) -> bool:
@@ -79,6 +89,12 @@ class Correlator:
         self._stuck_due: list = []
         self._notify_due: list = []
         self._seq = itertools.count()
+        self._suspects: dict[int, tuple[VmState, DeviceState]] = {}   # id(dev) -> pending
+        self._started: Counter = Counter()        # evidence -> episodes started
+        self._suspicions = 0
+        # exited VMs kept for retain_exited_ns: identity.key -> (until_ns, identity, devices)
+        self._retired: OrderedDict = OrderedDict()
+        self._retired_devices = 0
 
     # -- public API ------------------------------------------------------------------------
 
@@ -110,31 +126,63 @@ class Correlator:
         known[0].type = type
         return True
 
+    def vmm_status(self, pid: int, device: str, ts_ns: int, needs_reset: bool,
+                   type: Optional[str] = None) -> list[Output]:
+        """What the VMM says about a device (QEMU x-query-virtio-status), asked after a
+        NeedsResetSuspected. NEEDS_RESET confirmed: an episode opens (evidence `vmm`) at the
+        config interrupt the suspicion started from. Not set: the suspicion is dropped."""
+        vm = self._vms.get(pid)
+        dev = vm.devices.get(device) if vm is not None else None
+        if dev is None:
+            return []
+        out: list[Output] = []
+        if type and type != "unknown":
+            dev.type = type
+        if needs_reset and dev.open_episode is None:
+            start = dev.suspect_irq_ns if dev.suspect_irq_ns is not None else ts_ns
+            dev.start_episode(vm.identity, start, Evidence.VMM, guest_saw_ns=None)
+            self._arm(vm, dev)
+            self._timers(ts_ns, self._buffer.released_ns or ts_ns, out)
+        elif not needs_reset:
+            self._stats["suspicions_cleared_by_vmm"] += 1
+            dev.clear_suspicion()
+        self._suspects.pop(id(dev), None)
+        self._count_outputs(out)
+        return out
+
     def stats(self) -> dict[str, int]:
         """Internal counters: events per kind, late (reordered beyond the window), candidates
         evicted, accesses not attributable, inferred resets, devices discovered."""
         s = dict(self._stats)
         s["late_events"] = self._buffer.late
         s["buffered_events"] = len(self._buffer)
+        s["pending_suspicions"] = len(self._suspects)
+        s["retired_vms"] = len(self._retired)
         return s
 
     def snapshot(self, now_ns: int) -> Snapshot:
         views = []
-        for vm in self._vms.values():
-            for dev in vm.devices.values():
-                ep = None
-                if dev.open_episode is not None:
-                    ep = copy_episode(dev.open_episode)
-                    ep.stuck = ep.stuck or now_ns - ep.start_ns >= self.config.stuck_after_ns
-                views.append(DeviceView(
-                    vm=vm.identity, device=dev.id, type=dev.type, transport=dev.transport,
-                    status=dev.status or 0, needs_reset_total=dev.needs_reset_total,
-                    recoveries_total=dev.recoveries_total, resets_total=dev.resets_total,
-                    failed_total=dev.failed_total,
-                    config_interrupts_total=dev.config_interrupts_total, open_episode=ep))
+        live = [(vm.identity, dev, False) for vm in self._vms.values()
+                for dev in vm.devices.values()]
+        gone = [(identity, dev, True) for until, identity, devs in self._retired.values()
+                if until > now_ns for dev in devs]
+        for identity, dev, exited in live + gone:
+            ep = None
+            if dev.open_episode is not None:
+                ep = copy_episode(dev.open_episode)
+                ep.stuck = ep.stuck or now_ns - ep.start_ns >= self.config.stuck_after_ns
+            views.append(DeviceView(
+                vm=identity, device=dev.id, type=dev.type, transport=dev.transport,
+                status=dev.status or 0, needs_reset_total=dev.needs_reset_total,
+                recoveries_total=dev.recoveries_total, resets_total=dev.resets_total,
+                failed_total=dev.failed_total,
+                config_interrupts_total=dev.config_interrupts_total, open_episode=ep,
+                suspected_since_ns=dev.suspect_irq_ns if dev.suspected else None,
+                exited=exited))
         return Snapshot(now_ns=now_ns, devices=views, violations=dict(self._violations),
                         episodes_ended=dict(self._ended), vms=len(self._vms),
-                        evictions=dict(self._evictions))
+                        evictions=dict(self._evictions), episodes_started=dict(self._started),
+                        suspicions=self._suspicions)
 
     # -- event loop ------------------------------------------------------------------------
 
@@ -147,12 +195,18 @@ class Correlator:
             upto = self._buffer.released_ns
         if upto is not None:
             self._timers(stuck_now if stuck_now is not None else upto, upto, out)
+            self._expire_retired(stuck_now if stuck_now is not None else upto)
+        self._count_outputs(out)
+        return out
+
+    def _count_outputs(self, out: list[Output]) -> None:
         for o in out:
             if isinstance(o, Violation):
                 self._violations[(o.vm, o.rule)] += 1
             elif isinstance(o, EpisodeEnded):
                 self._ended[o.episode.outcome] += 1
-        return out
+            elif isinstance(o, NeedsResetSuspected):
+                self._suspicions += 1
 
     def _timers(self, now: int, horizon: int, out: list[Output]) -> None:
         """Stuck episodes (at `now`) and expired notify windows (events up to `horizon` seen).
@@ -166,6 +220,9 @@ class Correlator:
                 out.append(Violation(dev.notify_episode_start_ns, vm.identity, dev.id,
                                      Rule.NEEDS_RESET_WITHOUT_NOTIFY,
                                      "no config interrupt within the notify window"))
+        if self._suspects:
+            for vm, dev in list(self._suspects.values()):
+                self._suspicion(vm, dev, horizon, out)
         stuck = self._stuck_due
         while stuck and stuck[0][0] <= now:
             _, _, vm, dev, ep = heapq.heappop(stuck)
@@ -177,6 +234,7 @@ class Correlator:
         """Schedule the stuck check of the episode just opened and its notify window, if any."""
         ep = dev.open_episode
         if ep is not None:
+            self._started[ep.evidence] += 1
             heapq.heappush(self._stuck_due, (ep.start_ns + self.config.stuck_after_ns,
                                              next(self._seq), vm, dev, ep))
         if dev.notify_deadline_ns is not None:
@@ -197,7 +255,7 @@ class Correlator:
         if isinstance(ev, ProcessExit):
             vm = self._vms.get(ev.pid)
             if vm is not None:
-                self._remove_vm(vm, ev.ts_ns, out)
+                self._remove_vm(vm, ev.ts_ns, out, retain=True)
             self._exited[ev.pid] = ev.ts_ns
             self._exited.move_to_end(ev.pid)
             if len(self._exited) > 4 * self.config.max_vms:
@@ -214,8 +272,15 @@ class Correlator:
                 self._remember(vm.recent_irq, (ev.ts_ns, ev.gsi))
         elif isinstance(ev, VhostStatus):
             self._vhost(vm, ev, out)
-        elif isinstance(ev, (MsiInjected, QueueNotify)):
-            pass  # MSI: not delivery evidence (ApicAccepted is); kicks: not status traffic
+        elif isinstance(ev, MsiInjected):
+            # not delivery evidence (ApicAccepted is); used to learn config vectors from
+            # config_generation reads and as queue-completion (progress) evidence
+            vector = ev.data & 0xFF
+            self._remember(vm.recent_msi, (ev.ts_ns, vector))
+            if vector not in vm.vectors:
+                vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
+        elif isinstance(ev, QueueNotify):
+            self._kick(vm, ev, out)
         else:  # pragma: no cover - Event is a closed union
             raise TypeError(f"not an event: {ev!r}")
 
@@ -257,7 +322,7 @@ class Correlator:
             self._apply_named_hints(vm, ev.ts_ns, out)
         else:
             # pid reuse: a different process now has this pid; the old VM is gone
-            self._remove_vm(vm, ev.ts_ns, out)
+            self._remove_vm(vm, ev.ts_ns, out, retain=True)
             self._new_vm(identity, False, ev.ts_ns, out)
 
     def _rename(self, vm: VmState, identity: VmIdentity) -> None:
@@ -270,17 +335,49 @@ class Correlator:
         for (who, rule) in [k for k in self._violations if k[0] == old]:
             self._violations[(identity, rule)] += self._violations.pop((who, rule))
 
-    def _remove_vm(self, vm: VmState, ts: int, out: list[Output]) -> None:
-        for dev in list(vm.devices.values()):
+    def _remove_vm(self, vm: VmState, ts: int, out: list[Output], retain: bool = False) -> None:
+        devices = list(vm.devices.values())
+        for dev in devices:
             self._remove_device(vm, dev, ts, out)
-        for key in [k for k in self._violations if k[0] == vm.identity]:
-            del self._violations[key]   # bounded: a gone VM's series go away
         del self._vms[vm.identity.pid]
+        if retain and self.config.retain_exited_ns > 0 and devices:
+            # keep the devices (and violation counts) in snapshots for a while, so increments
+            # after the last scrape and short-lived VMs are still scraped
+            self._retired[vm.identity.key] = (ts + self.config.retain_exited_ns, vm.identity,
+                                              devices)
+            self._retired.move_to_end(vm.identity.key)
+            self._retired_devices += len(devices)
+            while self._retired and (len(self._retired) > self.config.max_vms
+                                     or self._retired_devices > self.config.max_devices):
+                self._free_retired(next(iter(self._retired)))
+        else:
+            self._drop_violations(vm.identity)
+
+    def _drop_violations(self, identity: VmIdentity) -> None:
+        for key in [k for k in self._violations if k[0] == identity]:
+            del self._violations[key]   # bounded: a gone VM's series go away
+
+    def _free_retired(self, key) -> None:
+        _, identity, devices = self._retired.pop(key)
+        self._retired_devices -= len(devices)
+        if identity.pid not in self._vms or self._vms[identity.pid].identity != identity:
+            self._drop_violations(identity)
+
+    def _expire_retired(self, now: int) -> None:
+        while self._retired:
+            key, (until, _, _) = next(iter(self._retired.items()))
+            if until > now:
+                break
+            self._free_retired(key)
 
     # -- devices ---------------------------------------------------------------------------
 
     def _remove_device(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
         out.extend(dev.abandon(ts))
+        dev.clear_suspicion()
+        self._suspects.pop(id(dev), None)
+        for addr in [a for a, d in vm.notify.items() if d is dev]:
+            del vm.notify[addr]
         space = dev.layout.space if dev.layout else ""
         for addr, reg in dev.watched.items():
             vm.regs.pop((space, addr), None)
@@ -375,14 +472,22 @@ class Correlator:
                 # config interrupt (their times are unknown)
                 dev.config_interrupts_total += ev.repeats
             dev.last_isr = ev.value
+            if ev.value & ISR_QUEUE:
+                vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
             if ev.value & ISR_CONFIG:
                 self._isr_config(vm, dev, ev.ts_ns, out)
         elif reg == Register.MSIX_CONFIG and ev.op == Op.WRITE:
             dev.msix_config = ev.value
+        elif reg == Register.CONFIG_GENERATION and ev.op == Op.READ:
+            self._generation(vm, dev, ev, out)
         # config_generation and InterruptACK: watched for completeness, no state
 
     def _status(self, vm: VmState, dev: DeviceState, ev: RegisterAccess, out: list[Output]) -> None:
         value = ev.value & 0xFF
+        if dev.suspect_irq_ns is not None and ev.ts_ns >= dev.suspect_irq_ns:
+            # the guest looks at status: the state machine sees NEEDS_RESET (or not) itself
+            dev.clear_suspicion()
+            self._suspects.pop(id(dev), None)
         if ev.op == Op.WRITE:
             out.extend(dev.status_write(vm.identity, ev.ts_ns, value,
                                         self.config.max_reinit_values))
@@ -405,7 +510,7 @@ class Correlator:
                 if t <= ts and vector not in vm.vectors:
                     self._learn_vector(vm, dev, vector, out)
                     status_then, dev.status = dev.status, prev_status
-                    out.extend(dev.config_interrupt(vm.identity, t))
+                    self._config_irq(vm, dev, t, out)
                     dev.status = status_then
                     irq = t
                     break
@@ -488,7 +593,9 @@ class Correlator:
         self._remember(vm.recent_apic, (ev.ts_ns, ev.vector))
         dev = vm.vectors.get(ev.vector)
         if dev is not None:
-            out.extend(dev.config_interrupt(vm.identity, ev.ts_ns))
+            self._config_irq(vm, dev, ev.ts_ns, out)
+        else:
+            vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
 
     def _isr_config(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
         """ISR / InterruptStatus read with the configuration-change bit: an INTx config interrupt,
@@ -502,7 +609,7 @@ class Correlator:
                 if dev.gsi is None:
                     self._learn_gsi(vm, dev, gsi, out)
                 break
-        out.extend(dev.config_interrupt(vm.identity, at))
+        self._config_irq(vm, dev, at, out)
 
     # -- vhost-vdpa ------------------------------------------------------------------------
 
@@ -520,3 +627,98 @@ class Correlator:
         elif dev.status_read(ev.ts_ns, value):
             dev.start_episode(vm.identity, ev.ts_ns, Evidence.VHOST, guest_saw_ns=None)
             self._arm(vm, dev)
+
+    # -- NEEDS_RESET suspicion (the guest never reads status) --------------------------------
+
+    def _config_irq(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
+        """A config interrupt attributed to dev: count it, and wait for what follows. A guest that
+        reads status is judged by the state machine; one that goes on kicking the device with no
+        completion and never reads status is how a Linux guest looks after NEEDS_RESET."""
+        out.extend(dev.config_interrupt(vm.identity, ts))
+        if dev.open_episode is None and not dev.suspected:
+            dev.suspect_irq_ns = ts
+            dev.suspect_kick_ns = None
+            self._suspects[id(dev)] = (vm, dev)
+
+    def _generation(self, vm: VmState, dev: DeviceState, ev: RegisterAccess,
+                    out: list[Output]) -> None:
+        """config_generation read (capture forwards reads on change). A running device's driver
+        reads it when handling a config change: the MSI right before it is the config vector."""
+        prev, dev.last_generation = dev.last_generation, ev.value
+        if prev == ev.value or dev.config_irq_known or dev.no_config_vector:
+            return
+        if dev.status is None or not dev.status & DRIVER_OK or dev.open_episode is not None:
+            return    # QEMU notifies config changes only after DRIVER_OK
+        window = self.config.notify_window_ns
+        if dev.recent_config_irq(ev.ts_ns, window) is not None:
+            return
+        latest = None
+        for ring in (vm.recent_msi, vm.recent_apic):
+            for t, vector in reversed(ring):
+                if t < ev.ts_ns - window:
+                    break
+                if t <= ev.ts_ns and vector not in vm.vectors:
+                    if latest is None or t > latest[0]:
+                        latest = (t, vector)
+                    break
+        if latest is None:
+            return
+        self._stats["vectors_learned_from_generation"] += 1
+        self._learn_vector(vm, dev, latest[1], out)
+        self._config_irq(vm, dev, latest[0], out)
+
+    def _kick_device(self, vm: VmState, addr: int) -> Optional[DeviceState]:
+        if addr in vm.notify:
+            return vm.notify[addr]
+        found = None
+        mmio = vm.devices.get(f"{Space.MMIO}-0x{addr - MMIO_QUEUE_NOTIFY_OFFSET:x}")
+        if (addr % MMIO_ALIGN == MMIO_QUEUE_NOTIFY_OFFSET and mmio is not None
+                and mmio.transport == Transport.MMIO):
+            found = mmio
+        else:
+            for dev in vm.devices.values():
+                lay = dev.layout
+                if (lay is not None and lay.transport == Transport.PCI_MODERN
+                        and 0 <= addr - lay.base - QEMU_NOTIFY_OFFSET < QEMU_NOTIFY_SIZE):
+                    found = dev
+                    break
+        if found is None:
+            self._stats["kicks_unattributed"] += 1
+            return None     # not cached: the device may be discovered later
+        if len(vm.notify) >= MAX_NOTIFY_PER_VM:
+            vm.notify.pop(next(iter(vm.notify)))
+        vm.notify[addr] = found
+        return found
+
+    def _kick(self, vm: VmState, ev: QueueNotify, out: list[Output]) -> None:
+        dev = self._kick_device(vm, ev.addr)
+        if dev is None:
+            return
+        dev.last_kick_ns = ev.ts_ns
+        if dev.suspect_irq_ns is not None and dev.suspect_kick_ns is None \
+                and ev.ts_ns >= dev.suspect_irq_ns:
+            dev.suspect_kick_ns = ev.ts_ns
+        if id(dev) in self._suspects:
+            self._suspicion(vm, dev, ev.ts_ns, out)
+
+    def _suspicion(self, vm: VmState, dev: DeviceState, now: int, out: list[Output]) -> None:
+        """Judge a pending suspicion at event time `now` (all events up to it processed)."""
+        irq, kick = dev.suspect_irq_ns, dev.suspect_kick_ns
+        if irq is None or dev.open_episode is not None or vm.devices.get(dev.id) is not dev:
+            dev.clear_suspicion()
+            self._suspects.pop(id(dev), None)
+            return
+        if kick is not None and vm.last_progress_ns > kick:
+            # something completed after the kick: the device (or at least the VM) makes progress
+            self._stats["suspicions_cleared_by_progress"] += 1
+            dev.clear_suspicion()
+            self._suspects.pop(id(dev), None)
+            return
+        if kick is None:
+            if now - irq > self.config.suspect_idle_ns:
+                dev.clear_suspicion()        # an idle device: no evidence either way
+                self._suspects.pop(id(dev), None)
+            return
+        if not dev.suspected and now - kick >= self.config.suspect_window_ns:
+            dev.suspected = True
+            out.append(NeedsResetSuspected(now, vm.identity, dev.id, irq))

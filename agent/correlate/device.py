@@ -66,6 +66,14 @@ class DeviceState:
     notify_deadline_ns: Optional[int] = None  # the last episode waits for a config interrupt until
     notify_episode_start_ns: int = 0
     watched: dict[int, int] = field(default_factory=dict)  # addr -> Register, asked of capture
+    # NEEDS_RESET suspicion from kernel evidence (the guest never reads status): see
+    # Correlator._suspicion. suspect_irq_ns: the config interrupt it waits on; suspect_kick_ns:
+    # the first kick after it; suspected: NeedsResetSuspected was emitted.
+    last_generation: Optional[int] = None
+    suspect_irq_ns: Optional[int] = None
+    suspect_kick_ns: Optional[int] = None
+    suspected: bool = False
+    last_kick_ns: Optional[int] = None
 
     @property
     def config_irq_known(self) -> bool:
@@ -143,6 +151,11 @@ class DeviceState:
             self.failed = bool(value & FAILED)
         return False
 
+    def clear_suspicion(self) -> None:
+        self.suspect_irq_ns = None
+        self.suspect_kick_ns = None
+        self.suspected = False
+
     def _reset(self) -> None:
         self.driver_bits = 0
         self.failed = False
@@ -154,6 +167,7 @@ class DeviceState:
         ep = Episode(vm=vm, device=self.id, type=self.type, transport=self.transport,
                      evidence=evidence, start_ns=start_ns, guest_saw_ns=guest_saw_ns)
         self.open_episode = ep
+        self.clear_suspicion()
         self.needs_reset_total += 1
         return ep
 

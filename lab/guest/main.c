@@ -268,6 +268,8 @@ void guest_main(u32 magic, u32 info)
 			flush_log();
 		}
 	} else if (streq(scenario, "failreinit")) {
+		if (delay)
+			delay_ms(delay);
 		for (int i = 0; i < ndevs; i++) {
 			struct vdev *d = &devs[i];
 			if (!selected(i, fault_sel))
@@ -279,6 +281,8 @@ void guest_main(u32 magic, u32 info)
 		}
 		flush_log();
 	} else if (streq(scenario, "bitclear")) {
+		if (delay)
+			delay_ms(delay);
 		for (int i = 0; i < ndevs; i++)
 			if (selected(i, fault_sel))
 				write_status(&devs[i], 0, S_ACK | S_DRIVER | S_FEATURES_OK);

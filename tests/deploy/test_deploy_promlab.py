@@ -83,14 +83,14 @@ def lab(tmp_path_factory):
         prom = PromLab([f"127.0.0.1:{port}"], job=JOB, scrape_interval="1s", rule_files=[RULES_FILE]).start()
         prom.wait_for_target_up()
         results = []
-        # The violation scenarios wait a little first, so that their VM is known (and scraped)
-        # before the violation happens.
+        # The violation scenarios wait after their handshake, so that their VM is known (and its
+        # zero-valued violation counters scraped) before the violation happens.
         for spec in (GuestSpec(transport="modern", scenario="recover", devices=2, repeat=3),
                      GuestSpec(transport="legacy", scenario="recover"),
                      GuestSpec(transport="mmio", scenario="recover", repeat=2),
                      GuestSpec(transport="modern", scenario="fail"),
-                     GuestSpec(transport="modern", scenario="bitclear", start_delay_ms=2500),
-                     GuestSpec(transport="modern", scenario="failreinit", start_delay_ms=2500)):
+                     GuestSpec(transport="modern", scenario="bitclear", delay_ms=2500),
+                     GuestSpec(transport="modern", scenario="failreinit", delay_ms=2500)):
             results.append(run(spec, timeout=60, check=True))
         recovered = sum(1 for r in results for e in r.episodes
                         if e.reset_ns is not None and e.driver_ok_ns is not None)
@@ -118,24 +118,12 @@ def lab(tmp_path_factory):
 
 def test_every_dashboard_query_returns_data(lab):
     prom, _, agent_log, _ = lab
-    # A counter series that is born at 1 has no earlier sample: increase() cannot count that first
-    # violation, and a `> 0` filter then leaves nothing. Unless the agent exports each VM's
-    # violation counters at 0 before they count, such queries may be empty; the violations must
-    # then at least be in the raw series.
-    zero_born = bool(prom.query("virtio_spec_violations_total == 0"))
-    empty, excused = [], []
-    for where, expr in dashboard_exprs().items():
-        if prom.query(_grafana_vars(expr)):
-            continue
-        if not zero_born and "virtio_spec_violations_total" in expr and "> 0" in expr:
-            excused.append(where)
-        else:
-            empty.append(f"{where}: {expr}")
+    # increase() needs a sample before the first violation: the agent exports every tracked VM's
+    # violation counters at 0, and the violating guests wait past a scrape before misbehaving.
+    assert prom.query("virtio_spec_violations_total == 0"), "violation counters are not born at 0"
+    empty = [f"{where}: {expr}" for where, expr in dashboard_exprs().items()
+             if not prom.query(_grafana_vars(expr))]
     assert empty == [], "queries without data:\n" + "\n".join(empty)
-    if excused:
-        rules = {labels["rule"] for labels, _ in prom.query("sum by (rule) (virtio_spec_violations_total) > 0")}
-        assert {"status_bit_cleared_without_reset", "reinit_after_failed_without_reset"} <= rules, excused
-        print(f"\nempty because violation counters are born non-zero: {excused}")
 
 
 def test_prometheus_counts_the_labs_recoveries(lab):
