@@ -15,6 +15,9 @@ the VMM, off the event loop:
 
 The loop calls `submit()` for each NeedsResetSuspected and `poll()` every iteration; `poll()`
 returns `Verdict`s for `Correlator.vmm_status()`.
+
+`PciTyper` (opt-in, `run --vmm-pci-types on`): device types from `query-pci` for newly watched
+PCI status registers, fed to `Correlator.annotate_device()`.
 """
 from __future__ import annotations
 
@@ -216,3 +219,144 @@ class VmmConfirmer:
                      d.status.status, d.status.broken)
             out.append(Verdict(identity.pid, device, now, needs_reset, d.status.type))
         return out
+
+
+@dataclass(frozen=True, slots=True)
+class TypeHint:
+    pid: int
+    space: str
+    addr: int
+    type: str
+
+
+def qmp_socket_for_pid(pid: int, proc_root: str = "/proc") -> Optional[str]:
+    from agent.qmp import QmpSocket, reachable_path
+    from agent.vmident import ProcessGone, read_vm
+
+    try:
+        info = read_vm(pid, proc_root)
+    except ProcessGone:
+        return None
+    if not info.qmp_socket:
+        return None
+    return reachable_path(QmpSocket(info.qmp_socket, "-qmp"), pid, proc_root)
+
+
+class PciTyper:
+    """Device types from QEMU's query-pci for newly watched PCI status registers (opt-in: it is
+    QMP traffic for every VM with a socket, suspicious or not). One query per VM per interval;
+    registers found meanwhile wait for the next one. A worker thread, like VmmConfirmer."""
+
+    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S,
+                 timeout_s: float = DEFAULT_TIMEOUT_S,
+                 socket_for: Callable[[int], Optional[str]] = qmp_socket_for_pid) -> None:
+        from agent.vmm_probe import QueryRateLimiter
+
+        self.limiter = QueryRateLimiter(interval_s, max_entries=MAX_PENDING_VMS * 4)
+        self.timeout_s = timeout_s
+        self._socket_for = socket_for
+        self._lock = threading.Lock()
+        self._pending: collections.OrderedDict = collections.OrderedDict()  # pid -> {(space, addr)}
+        self._maps: collections.OrderedDict = collections.OrderedDict()     # pid -> last query-pci
+        self._inflight: set = set()
+        self._results: collections.deque = collections.deque()
+        self._jobs: queue.Queue = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+        self.queries: collections.Counter = collections.Counter()
+
+    def submit(self, pid: int, space: str, addr: int) -> None:
+        from agent.vmm_probe import device_at
+
+        with self._lock:
+            known = self._maps.get(pid)
+        if known is not None:
+            # the VM's last map already knows this BAR: no new query
+            hit = device_at(known, space, addr)
+            if hit is not None and hit.device.virtio_id is not None:
+                self._results.append(TypeHint(pid, space, addr, hit.device.virtio_type))
+                return
+        with self._lock:
+            regs = self._pending.get(pid)
+            if regs is None:
+                if len(self._pending) >= MAX_PENDING_VMS:
+                    self._pending.popitem(last=False)
+                regs = self._pending[pid] = set()
+            if len(regs) < MAX_DEVICES_PER_VM:
+                regs.add((space, addr))
+        self._dispatch(pid)
+
+    def poll(self) -> list[TypeHint]:
+        from agent.vmm_probe import device_at
+
+        with self._lock:
+            waiting = [p for p in self._pending if p not in self._inflight]
+            # registers that waited while their VM's map was being fetched: answer from it
+            for pid in waiting:
+                known = self._maps.get(pid)
+                if known is None:
+                    continue
+                regs = self._pending[pid]
+                for space, addr in list(regs):
+                    hit = device_at(known, space, addr)
+                    if hit is not None and hit.device.virtio_id is not None:
+                        self._results.append(TypeHint(pid, space, addr, hit.device.virtio_type))
+                        regs.discard((space, addr))
+                if not regs:
+                    del self._pending[pid]
+            waiting = [p for p in waiting if p in self._pending]
+        for pid in waiting:
+            self._dispatch(pid)
+        out = []
+        while self._results:
+            out.append(self._results.popleft())
+        return out
+
+    def forget_pid(self, pid: int) -> None:
+        with self._lock:
+            self._pending.pop(pid, None)
+            self._maps.pop(pid, None)
+        self.limiter.forget(pid)
+
+    def _dispatch(self, pid: int) -> None:
+        with self._lock:
+            if pid in self._inflight or pid not in self._pending or not self.limiter.allow(pid):
+                return
+            regs = self._pending.pop(pid)
+            self._inflight.add(pid)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="vmm-pci-types", daemon=True)
+            self._thread.start()
+        self._jobs.put((pid, sorted(regs)))
+
+    def _work(self) -> None:
+        from agent.qmp import QmpClient, QmpError
+        from agent.vmm_probe import ProbeFormatError, device_at, pci_map
+
+        while True:
+            pid, regs = self._jobs.get()
+            try:
+                path = self._socket_for(pid)
+                if path is None:
+                    continue
+                try:
+                    with QmpClient.connect(path, self.timeout_s) as client:
+                        devices = pci_map(client)
+                except (QmpError, ProbeFormatError, OSError) as exc:
+                    self.queries["pci_map_error"] += 1
+                    log.warning("query-pci of pid %s failed: %s", pid, exc)
+                    continue
+                self.queries["pci_map"] += 1
+                with self._lock:
+                    self._maps[pid] = devices
+                    self._maps.move_to_end(pid)
+                    while len(self._maps) > MAX_PENDING_VMS:
+                        self._maps.popitem(last=False)
+                for space, addr in regs:
+                    hit = device_at(devices, space, addr)
+                    if hit is not None and hit.device.virtio_id is not None:
+                        self._results.append(TypeHint(pid, space, addr, hit.device.virtio_type))
+            except Exception:
+                log.exception("PCI typing of pid %s failed", pid)
+            finally:
+                with self._lock:
+                    self._inflight.discard(pid)

@@ -47,10 +47,14 @@ class EpisodeLog:
         self._lock = threading.Lock()
         self.written = 0
 
-    def write(self, output: object) -> bool:
+    def write(self, output: object, net: Optional[dict[str, Any]] = None) -> bool:
+        """`net`: the network impact of a virtio-net episode (agent.net_outage), logged as the
+        record's `net` object."""
         rec = record_for(output)
         if rec is None:
             return False
+        if net is not None:
+            rec["net"] = net
         line = json.dumps(rec, separators=(",", ":"))
         with self._lock:
             self._stream.write(line + "\n")

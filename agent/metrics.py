@@ -43,7 +43,7 @@ LOST_REASONS = ("ringbuf_full", "decode_error", "candidate_map_full", "watch_map
                 "kernel_read_error", "user_read_error", "correlation_error", "poll_error")
 ENDED_OUTCOMES = (Outcome.RECOVERED, Outcome.ABANDONED)
 # QMP confirmation of suspected NEEDS_RESET (agent/confirm.py)
-VMM_QUERY_RESULTS = ("needs_reset", "clear", "unmatched", "error")
+VMM_QUERY_RESULTS = ("needs_reset", "clear", "unmatched", "error", "pci_map", "pci_map_error")
 VMM_SKIP_REASONS = ("no_socket", "rate_limited", "overflow")
 
 
@@ -182,7 +182,13 @@ class AgentCollector(Collector):
                  histograms: EpisodeHistograms,
                  self_stats_fn: Callable[[], SelfStats] = SelfStats,
                  stuck_after_s: float = 60.0,
-                 build_info: Optional[BuildInfo] = None) -> None:
+                 build_info: Optional[BuildInfo] = None,
+                 ifname_fn: Optional[Callable[[VmIdentity, str], str]] = None,
+                 extra_families_fn: Optional[Callable[[], list[Metric]]] = None) -> None:
+        # ifname_fn(vm, device): the device's host network interface ("" if none known);
+        # extra_families_fn: more families built per scrape (agent.net_outage)
+        self._ifname_fn = ifname_fn
+        self._extra_families_fn = extra_families_fn
         self._snapshot_fn = snapshot_fn
         self._histograms = histograms
         self._self_stats_fn = self_stats_fn
@@ -201,6 +207,8 @@ class AgentCollector(Collector):
             families = self._device_families(self._snapshot_fn())
             families += self._histograms.families()
             families += self._self_families(self._self_stats_fn())
+            if self._extra_families_fn is not None:
+                families += self._extra_families_fn()
             previous = self._last_scrape_s
             self._last_scrape_s = time.perf_counter() - t0
         g = GaugeMetricFamily("virtio_agent_scrape_duration_seconds",
@@ -212,7 +220,7 @@ class AgentCollector(Collector):
     def _device_families(self, snap: Optional[Snapshot]) -> list[Metric]:
         dev = ["vm", "namespace", "device"]
         info = GaugeMetricFamily("virtio_device_info", "One series per known virtio device.",
-                                 labels=dev + ["type", "transport"])
+                                 labels=dev + ["type", "transport", "ifname"])
         status = GaugeMetricFamily("virtio_device_status",
                                    "Last status byte the guest read or wrote.", labels=dev)
         needs_reset = CounterMetricFamily("virtio_device_needs_reset_total",
@@ -276,7 +284,9 @@ class AgentCollector(Collector):
         n_stuck = 0
         for key, d in chosen.items():
             labels = list(key)
-            info.add_metric(labels + [bounded_type(d.type), bounded_transport(d.transport)], 1)
+            ifname = self._ifname_fn(d.vm, d.device) if self._ifname_fn is not None else ""
+            info.add_metric(labels + [bounded_type(d.type), bounded_transport(d.transport),
+                                      ifname], 1)
             status.add_metric(labels, d.status)
             needs_reset.add_metric(labels, d.needs_reset_total)
             recoveries.add_metric(labels, d.recoveries_total)

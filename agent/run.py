@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
 from agent.episode_log import EpisodeLog
-from agent.events import ProcessExit, VmStarted
+from agent.events import ProcessExit, Register, VmStarted
 from agent.metrics import AgentCollector, EpisodeHistograms, SelfStats
 from agent.model import (
     EpisodeEnded, EpisodeStuck, NeedsResetSuspected, Snapshot, Violation, WatchInterrupt,
@@ -42,6 +42,8 @@ DEFAULTS = {
     "tls_key": "",
     "log_level": "info",
     "vmm_probe": "on",
+    "vmm_pci_types": "off",
+    "retain_exited": "120",
 }
 ENV = {name: "VRA_" + name.upper() for name in DEFAULTS}
 POLL_MS = 100
@@ -61,6 +63,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not v > 0 or v != v or v == float("inf"):
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
     return v
 
 
@@ -134,8 +146,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--tls-cert", "tls_cert", str, "serve /metrics over HTTPS with this PEM certificate",
         "FILE")
     opt("--tls-key", "tls_key", str, "PEM private key for --tls-cert", "FILE")
+    opt("--retain-exited", "retain_exited", _non_negative_float,
+        "an exited VM's devices stay on /metrics this many seconds", "SECONDS")
     opt("--vmm-probe", "vmm_probe", _choice("on", "off"),
         "ask QEMU over QMP (x-query-virtio-status) about a suspected NEEDS_RESET", "on|off")
+    opt("--vmm-pci-types", "vmm_pci_types", _choice("on", "off"),
+        "device types from QEMU's query-pci for new PCI devices (QMP traffic for every VM "
+        "with a socket)", "on|off")
 
 
 # --- logging -------------------------------------------------------------------------------------
@@ -201,9 +218,13 @@ class Agent:
     def __init__(self, capture, correlator, identify: Callable[[int], Optional[VmStarted]],
                  episode_log: Optional[EpisodeLog] = None, stuck_after_s: float = 60.0,
                  max_vms: int = 256, core_hooks: Iterable[str] = (),
-                 confirmer=None) -> None:
-        # confirmer: agent.confirm.VmmConfirmer (asks QEMU about suspected NEEDS_RESET) or None
+                 confirmer=None, net_outage=None, pci_typer=None) -> None:
+        # confirmer: agent.confirm.VmmConfirmer (asks QEMU about suspected NEEDS_RESET) or None;
+        # pci_typer: agent.confirm.PciTyper (device types from query-pci, opt-in) or None
         self.confirmer = confirmer
+        self.pci_typer = pci_typer
+        # net_outage: agent.net_outage.NetOutageTracker (virtio-net backends' drops) or None
+        self.net_outage = net_outage
         self.capture = capture
         self.correlator = correlator
         self.identify = identify
@@ -216,8 +237,11 @@ class Agent:
         self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._max_seen = max(1, max_vms) * SEEN_PIDS_FACTOR
         self._last_tick_ns = 0
-        self.collector = AgentCollector(self.snapshot, self.histograms, self.self_stats,
-                                        stuck_after_s=stuck_after_s)
+        self.collector = AgentCollector(
+            self.snapshot, self.histograms, self.self_stats, stuck_after_s=stuck_after_s,
+            ifname_fn=(lambda vm, device: net_outage.ifname(vm.key, device))
+            if net_outage is not None else None,
+            extra_families_fn=net_outage.families if net_outage is not None else None)
 
     # called from the HTTP thread
     def snapshot(self) -> Optional[Snapshot]:
@@ -236,6 +260,8 @@ class Agent:
         if self.confirmer is not None:
             s.vmm_queries = dict(self.confirmer.queries)
             s.vmm_skipped = dict(self.confirmer.skipped)
+        if self.pci_typer is not None:
+            s.vmm_queries.update(self.pci_typer.queries)
         return s
 
     def health(self) -> tuple[bool, str]:
@@ -268,9 +294,31 @@ class Agent:
                 self._apply(outputs)
             if self.confirmer is not None:
                 self._confirmations()
+            if self.pci_typer is not None:
+                for h in self.pci_typer.poll():
+                    self.correlator.annotate_device(h.pid, h.space, h.addr, h.type)
+            net_starts = self._net_pending(now)
             self.counters.loops += 1
             self.counters.last_loop_monotonic = time.monotonic()
+        # outside the lock: /proc, netlink and maybe QMP (a scrape must not wait for them)
+        for ep, n_devices, n_net in net_starts:
+            try:
+                self.net_outage.start(ep, n_devices, n_net)
+            except Exception:
+                self.counters.output_errors += 1
+                log.exception("metering the network impact of %s failed", ep.device)
         return len(events)
+
+    def _net_pending(self, now: int) -> list:
+        """Newly opened episodes whose network impact to meter (at tick time only)."""
+        if self.net_outage is None or self._last_tick_ns != now:
+            return []
+        try:
+            return self.net_outage.pending(self.correlator.snapshot(now))
+        except Exception:
+            self.counters.output_errors += 1
+            log.exception("finding virtio-net episodes to meter failed")
+            return []
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -303,8 +351,10 @@ class Agent:
         else:
             self._remember(pid)
         self._feed(ev)
-        if isinstance(ev, ProcessExit) and self.confirmer is not None:
-            self.confirmer.forget_pid(pid)
+        if isinstance(ev, ProcessExit):
+            for side in (self.confirmer, self.pci_typer):
+                if side is not None:
+                    side.forget_pid(pid)
         if isinstance(ev, ProcessExit):
             self._seen.pop(pid, None)
 
@@ -331,12 +381,18 @@ class Agent:
             try:
                 if isinstance(out, WatchRegister):
                     self.capture.watch_register(out)
+                    if (self.pci_typer is not None and out.add
+                            and out.register == Register.STATUS):
+                        self.pci_typer.submit(out.pid, out.space, out.addr)
                 elif isinstance(out, WatchInterrupt):
                     self.capture.watch_interrupt(out)
                 elif isinstance(out, (EpisodeEnded, EpisodeStuck)):
                     self.histograms.observe(out)
+                    net = None
+                    if isinstance(out, EpisodeEnded) and self.net_outage is not None:
+                        net = self.net_outage.end(out.episode)
                     if self.episode_log is not None:
-                        self.episode_log.write(out)
+                        self.episode_log.write(out, net=net)
                 elif isinstance(out, NeedsResetSuspected):
                     log.warning("NEEDS_RESET suspected for VM %s device %s (kernel evidence: "
                                 "config interrupt, then kicks without completion)",
@@ -390,7 +446,9 @@ def build_agent(args: argparse.Namespace, episode_stream=None) -> Agent:
     hooks = enabled_hooks(args.hooks)
     correlator = Correlator(CorrelatorConfig(stuck_after_ns=int(args.stuck_after * 1e9),
                                              max_vms=args.max_vms,
-                                             max_devices=args.max_devices))
+                                             max_devices=args.max_devices,
+                                             retain_exited_ns=int(
+                                                 getattr(args, "retain_exited", 120.0) * 1e9)))
     capture = Capture(hooks=hooks)
     try:
         status = capture.start()
@@ -407,10 +465,28 @@ def build_agent(args: argparse.Namespace, episode_stream=None) -> Agent:
         from agent.confirm import VmmConfirmer
 
         confirmer = VmmConfirmer()
-    return Agent(capture, correlator, identify_vm, confirmer=confirmer,
+    pci_typer = None
+    if getattr(args, "vmm_pci_types", "off") == "on":
+        from agent.confirm import PciTyper
+
+        pci_typer = PciTyper()
+    return Agent(capture, correlator, identify_vm, confirmer=confirmer, pci_typer=pci_typer,
+                 net_outage=_net_outage_tracker(),
                  episode_log=EpisodeLog(episode_stream or sys.stdout),
                  stuck_after_s=args.stuck_after, max_vms=args.max_vms,
                  core_hooks=core_hooks(hooks))
+
+
+def _net_outage_tracker():
+    """agent.net_outage.NetOutageTracker, or None (logged) when pyroute2 is missing."""
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError as exc:
+        log.warning("virtio-net outage impact disabled: %s", exc)
+        return None
+    from agent.net_outage import NetOutageTracker
+
+    return NetOutageTracker()
 
 
 class _DeferredHealth:

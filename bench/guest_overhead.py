@@ -193,6 +193,13 @@ def report(kinds, modes, samples, rounds: int) -> None:
             med = median(ratios)
             print(f"{kind:10} {mode:8} {median([s.ns_per_op for s in ss]):9.0f} {med:7.3f} "
                   f"{(med - 1) * 100:8.2f}%  {spread(ratios)}")
+    for kind in kinds:
+        base = [s.ns_per_op for s in samples[(kind, "none")]]
+        swing = (max(base) - min(base)) / min(base) * 100
+        print(f"{kind}: `none` baseline moved by {swing:.1f}% between rounds "
+              f"({min(base):.0f}..{max(base):.0f} ns/op)"
+              + ("  <- host noise larger than the effect measured: rerun on a quiet host"
+                 if swing > 10 else ""))
     print("\n== BPF cost per program run (kernel.bpf_stats_enabled; median over rounds) ==")
     print(f"{'storm':10} {'mode':8} {'program':40} {'runs/op':>8} {'ns/run':>8}  range")
     for kind in kinds:

@@ -46,6 +46,7 @@
 #define OP_WRITE 1
 
 #define REG_STATUS 1      // agent.events.Register.STATUS
+#define REG_ISR 5         // agent.events.Register.ISR
 
 #define IRQ_KIND_VECTOR 0
 #define IRQ_KIND_GSI 1
@@ -116,7 +117,7 @@ struct reg_state {
 struct watch_val {
     struct reg_state st;
     u32 reg;        // agent.events.Register
-    u32 pad;
+    u32 fwd_ms;     // ISR: when the last read was forwarded (ktime >> 20, wraps; ~1 ms units)
 };
 
 struct bucket {
@@ -254,8 +255,12 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
         reg = w->reg;
         st = &w->st;
     } else {
-        // virtio-mmio QueueNotify (+0x50, 32-bit write; an in-kernel ioeventfd with data match)
-        if (space == SPACE_MMIO && op == OP_WRITE && size == 4 && (addr & 0x1ff) == 0x50) {
+        // queue kicks: modern virtio-pci notify is a 16-bit write of the queue index (an
+        // ioeventfd; kvm_fast_mmio where KVM has that path, else here), virtio-mmio QueueNotify
+        // a 32-bit write at +0x50. Other 16-bit writes (queue setup) pass here too: correlation
+        // ignores addresses it cannot place; the activity bucket bounds them all.
+        if (space == SPACE_MMIO && op == OP_WRITE &&
+            (size == 2 || (size == 4 && (addr & 0x1ff) == 0x50))) {
             handle_notify(addr);
             return;
         }
@@ -278,6 +283,15 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
 
     // non-status registers: writes always forwarded (kicks, vector programming), reads on change
     int always = !candidate && reg != REG_STATUS && op == OP_WRITE;
+    // ISR / InterruptStatus: a driver reads it once per interrupt, mostly the same value. An
+    // identical read is still forwarded once per activity interval: queue completions are
+    // the progress evidence that tells a working device from one that needs a reset.
+    u32 now_ms = 0;
+    if (w && reg == REG_ISR && op == OP_READ) {
+        now_ms = (u32)(bpf_ktime_get_ns() >> 20);
+        if (now_ms - w->fwd_ms >= (u32)(cfg(CFG_ACTIVITY_INTERVAL) >> 20))
+            always = 1;
+    }
     if (!always && st->valid && st->last == value && st->op == op) {
         __sync_fetch_and_add(&st->repeats, 1);
         count(C_REPEAT);
@@ -301,6 +315,8 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
     st->last = value;
     st->op = op;
     st->valid = 1;
+    if (now_ms)
+        w->fwd_ms = now_ms;
     submit(e);
 }
 

@@ -198,6 +198,19 @@ def fleet_overview() -> dict[str, Any]:
                   instant=True, fmt="table"),
         ], width=12, unit="s", description="Open episodes older than --stuck-after; Value = seconds unrecovered.",
             extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
+        Panel("Suspected NEEDS_RESET (kernel evidence, not confirmed by the VMM)", "table", [
+            Query("max by (instance, namespace, vm, device) ("
+                  f"virtio_device_no_progress_seconds{{{SEL}}}) "
+                  f"and on (instance, namespace, vm, device) (virtio_device_needs_reset_suspected{{{SEL}}} == 1)",
+                  instant=True, fmt="table"),
+        ], width=12, unit="s",
+            description="Config interrupt, then kicks without completion and no status read (how Linux guests "
+                        "behave); Value = seconds without progress. Confirmed devices move to the episode tables.",
+            extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True}}}]}),
+        Panel("Episodes started by evidence", "timeseries", [
+            Query(f"sum by (evidence) (increase(virtio_episodes_started_total{{{SEL}}}[{ri}]))", "{{evidence}}"),
+        ], width=12, description="status_read / config_interrupt / vhost: the kernel decided; vmm: QEMU "
+                                 "confirmed a kernel suspicion (the guest never read the status)."),
         Panel("Open NEEDS_RESET episodes", "table", [
             Query(f"max by (instance, namespace, vm, device) (virtio_device_unrecovered_seconds{{{SEL}}})",
                   instant=True, fmt="table"),
@@ -222,6 +235,17 @@ def fleet_overview() -> dict[str, Any]:
             Query(f"sum(rate(virtio_config_interrupts_total{{{SEL}}}[{ri}]))", "config interrupts/s"),
             Query(f"sum(rate(virtio_driver_failed_total{{{SEL}}}[{ri}]))", "FAILED written/s"),
         ], width=24, unit="ops"),
+        Panel("Frames dropped toward the guest per virtio-net episode (host backend)", "heatmap", [
+            Query(f"sum by (le) (increase(virtio_net_outage_episode_dropped_packets_bucket{{{SEL}}}[{ri}]))",
+                  "{{le}}", fmt="heatmap"),
+        ], width=12, description="Per measured virtio-net NEEDS_RESET episode: frames the tap/macvtap "
+            "dropped because nothing drained it (a lower bound of the loss; 0 does not mean no delay).",
+            extra={"options": {"calculate": False, "cellGap": 1,
+                               "color": {"scheme": "Oranges", "mode": "scheme"}}}),
+        Panel("Frames dropped toward guests in virtio-net outages, by VM", "timeseries", [
+            Query(f"sum by (namespace, vm) (increase(virtio_net_outage_dropped_packets_total{{{SEL}}}[{ri}])) "
+                  "or vector(0)", "{{namespace}}/{{vm}}"),
+        ], width=12, description="0 (no labels) when no virtio-net episode was measured."),
     ]
     return _dashboard("virtio-fleet-overview", "virtio recovery / fleet overview",
                       "DEVICE_NEEDS_RESET episodes and guest recovery times across all KVM hosts.",
@@ -260,7 +284,7 @@ def vm_drilldown() -> dict[str, Any]:
                       "thresholds": {"mode": "absolute", "steps": [{"value": None, "color": "text"}]}},
             extra={"options": {"showValue": "never", "mergeValues": True, "rowHeight": 0.8}}),
         Panel("Devices", "table", [
-            Query(f"max by (namespace, vm, device, type, transport) (virtio_device_info{{{DEV_SEL}}})",
+            Query(f"max by (namespace, vm, device, type, transport, ifname) (virtio_device_info{{{DEV_SEL}}})",
                   instant=True, fmt="table"),
         ], width=24, height=6,
             extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]}),
@@ -290,6 +314,18 @@ def vm_drilldown() -> dict[str, Any]:
             Query(f"sum by (vm, rule) (increase(virtio_spec_violations_total{{{VM_SEL}}}[{ri}]))",
                   "{{vm}} {{rule}}"),
         ]),
+        Panel("Virtio-net outages: frames toward the guest at the host backend", "timeseries", [
+            Query(f"sum by (vm, device, ifname) (increase(virtio_net_outage_dropped_packets_total{{{DEV_SEL}}}[{ri}])) "
+                  "or vector(0)", "dropped {{vm}} {{device}} {{ifname}}"),
+            Query(f"sum by (vm, device, ifname) (increase(virtio_net_outage_toward_guest_packets_total{{{DEV_SEL}}}[{ri}])) "
+                  "or vector(0)", "handled {{vm}} {{device}} {{ifname}}"),
+        ], description="Counted at the backend interface (ifname) between the episode's start and its end: "
+            "dropped = queue full (tap tx_dropped, macvtap rx_dropped); handled = tap: read by the VMM, "
+            "macvtap: received (dropped included). See docs/network.md."),
+        Panel("Virtio-net outages: bytes toward the guest at the host backend", "timeseries", [
+            Query(f"sum by (vm, device, ifname) (increase(virtio_net_outage_toward_guest_bytes_total{{{DEV_SEL}}}[{ri}])) "
+                  "or vector(0)", "{{vm}} {{device}} {{ifname}}"),
+        ], unit="bytes", description="Bytes of the handled frames (a dropped frame's size is not counted by a tap)."),
     ]
     return _dashboard("virtio-vm-drilldown", "virtio recovery / VM drill-down",
                       "Status timeline and counters of the virtio devices of one VM.", variables, panels)
@@ -346,6 +382,18 @@ def agent_health() -> dict[str, Any]:
                   "{{instance}} build (previous scrape)"),
             Query(f'max by (instance) (scrape_duration_seconds{{job=~"$job", {SEL}}})', "{{instance}} scrape"),
         ], unit="s"),
+        Panel("VMM (QMP) confirmation probes", "timeseries", [
+            Query(f"sum by (result) (increase(virtio_agent_vmm_queries_total{{{SEL}}}[{ri}]))", "{{result}}"),
+            Query(f"sum by (reason) (increase(virtio_agent_vmm_queries_skipped_total{{{SEL}}}[{ri}]))",
+                  "skipped: {{reason}}"),
+        ], description="QMP is only used on a NEEDS_RESET suspicion, rate-limited per VM."),
+        Panel("Virtio-net outage impact: not measured / metering now", "timeseries", [
+            Query(f"sum by (reason) (increase(virtio_agent_net_outage_unmeasured_total{{{SEL}}}[{ri}]))",
+                  "{{reason}}"),
+            Query(f"sum(virtio_agent_net_outage_open{{{SEL}}})", "metering now"),
+        ], description="Episodes of possibly-net devices whose backend drops were not measured: no_backend "
+            "(no tap/macvtap: vhost-user, slirp, VFIO), unmatched (several NICs/taps and no QMP socket), "
+            "refused (too many at once), gone (interface vanished), inconsistent, missed, error."),
         Panel("Evictions (a bound was reached)", "timeseries", [
             Query(f"sum by (instance, what) (increase(virtio_agent_evictions_total{{{SEL}}}[{ri}]))",
                   "{{instance}} {{what}}"),

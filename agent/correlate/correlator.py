@@ -146,6 +146,12 @@ class Correlator:
         elif not needs_reset:
             self._stats["suspicions_cleared_by_vmm"] += 1
             dev.clear_suspicion()
+            if dev.config_vector is not None and not dev.vector_trusted:
+                # the "config interrupt" may have been a queue interrupt: learn it again later
+                vm.vectors.pop(dev.config_vector, None)
+                out.append(WatchInterrupt(vm.identity.pid, vector=dev.config_vector, add=False))
+                dev.config_vector = None
+                dev.vector_sightings = 0
         self._suspects.pop(id(dev), None)
         self._count_outputs(out)
         return out
@@ -653,11 +659,16 @@ class Correlator:
         if dev.recent_config_irq(ev.ts_ns, window) is not None:
             return
         latest = None
+        # a vector that keeps firing (3 times or more among the recent MSIs: capture forwards one
+        # per vector per interval) is a queue vector; a config vector fires on config changes only
+        # (twice is allowed: split-irqchip VMMs inject a spurious MSI when the guest programs
+        # the IOAPIC entry of a virtio-mmio line)
+        seen = Counter(vector for _, vector in vm.recent_msi)
         for ring in (vm.recent_msi, vm.recent_apic):
             for t, vector in reversed(ring):
                 if t < ev.ts_ns - window:
                     break
-                if t <= ev.ts_ns and vector not in vm.vectors:
+                if t <= ev.ts_ns and vector not in vm.vectors and seen[vector] <= 2:
                     if latest is None or t > latest[0]:
                         latest = (t, vector)
                     break

@@ -78,6 +78,7 @@ def lab(tmp_path_factory):
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     prom = None
     stuck_vm = None
+    linux_vm = None
     try:
         _wait_http(f"http://127.0.0.1:{port}/healthz", 90, agent, agent_log)
         prom = PromLab([f"127.0.0.1:{port}"], job=JOB, scrape_interval="1s", rule_files=[RULES_FILE]).start()
@@ -92,19 +93,27 @@ def lab(tmp_path_factory):
                      GuestSpec(transport="modern", scenario="bitclear", delay_ms=2500),
                      GuestSpec(transport="modern", scenario="failreinit", delay_ms=2500)):
             results.append(run(spec, timeout=60, check=True))
+        # (a legacy device never shows NEEDS_RESET: the guest's timed-out "episode" is no episode)
         recovered = sum(1 for r in results for e in r.episodes
-                        if e.reset_ns is not None and e.driver_ok_ns is not None)
+                        if e.reset_ns is not None and e.driver_ok_ns is not None
+                        and not e.timed_out)
         # A guest that exits with its device stuck is an abandoned episode; one that stays is stuck.
         run(GuestSpec(transport="modern", scenario="stuck", hold_ms=3000), timeout=60, check=False)
         stuck_vm = LabVM.start(GuestSpec(transport="modern", scenario="stuck", hold_ms=120_000))
         stuck = _wait_query(prom, "virtio_device_stuck == 1", 60)
         assert stuck, f"no stuck device seen by Prometheus:\n{agent_log.read_text()[-4000:]}"
+        # A Linux-like guest (never reads status) without a QMP socket: suspected, unconfirmed.
+        linux_vm = LabVM.start(GuestSpec(transport="modern", scenario="linux", hold_ms=120_000))
+        suspected = _wait_query(prom, "virtio_device_needs_reset_suspected == 1", 60)
+        assert suspected, f"no suspected device seen by Prometheus:\n{agent_log.read_text()[-4000:]}"
         prom.wait_for_scrape()
         prom.wait_for_scrape()
         yield prom, stuck_vm, agent_log, recovered
     finally:
         if stuck_vm is not None:
             stuck_vm.kill()
+        if linux_vm is not None:
+            linux_vm.kill()
         if prom is not None:
             prom.stop()
         agent.send_signal(signal.SIGTERM)

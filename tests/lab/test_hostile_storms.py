@@ -5,11 +5,14 @@ NEEDS_RESET episodes that must still be measured right against the guest's own T
 
 Bounded means: the agent's anonymous memory does not grow from one identical round of storms
 to the next, its series count does not grow, per-VM series vanish with the VM, and the
---max-vms / --max-devices bounds hold however many VMs come. Other sessions may run VMs on this
-host at the same time: per-VM checks filter by VM name.
+--max-vms / --max-devices bounds hold however many VMs come (live ones; exited VMs' devices are
+retained on /metrics for --retain-exited within the same bounds again). Other sessions (even
+other runs of this file) may run VMs on this host at the same time: VM names are unique to this
+run and per-VM checks filter by them.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -19,7 +22,7 @@ from agent.metrics import DEVICE_TYPES, TRANSPORTS
 
 ABS_TOL_S = 0.0005
 REL_TOL = 0.02
-PREFIX = "hostile-"
+PREFIX = f"hostile{os.getpid()}-"     # VM names unique to this run
 # A round is the same work twice over; Python's allocator and the kernel's page cache may move
 # anonymous memory a little between rounds, never by the work done (thousands of events).
 RSS_SLACK_KIB = 4096
@@ -149,7 +152,8 @@ def run_round(agent: AgentProcess, round_no: int) -> dict:
 
 @pytest.fixture
 def agent(bpf, kvm):
-    with AgentProcess(stuck_after_s=30) as a:
+    # exited VMs' series go at once, so that one round's leftovers do not hide growth
+    with AgentProcess(stuck_after_s=30, extra_args=["--retain-exited", "0"]) as a:
         yield a
 
 
@@ -240,17 +244,18 @@ def _run_many(names, max_vms: int, max_devices: int, hold_ms: int = 2500):
 
 
 def test_many_vms_stay_within_max_vms_and_max_devices(bpf, kvm):
-    """6 VMs x 2 devices, each device stuck in NEEDS_RESET, against --max-vms 3 --max-devices 4:
-    the agent never tracks or exports more, counts the evictions, and ends the evicted devices'
-    open episodes as abandoned (a device evicted with its episode open and found again at the
-    guest's next status read is logged once per stay: at most twice here)."""
+    """6 VMs x 2 devices, each device stuck in NEEDS_RESET, against --max-vms 3 --max-devices 4
+    (default retention of exited VMs): the agent never tracks more than that, never exports
+    more than that live plus as much retained, counts the evictions, and ends the evicted
+    devices' open episodes as abandoned (a device evicted with its episode open and found again
+    at the guest's next status read is logged once per stay: at most twice here)."""
     max_vms, max_devices = 3, 4
     names = [f"{PREFIX}many-{i}" for i in range(6)]
     peaks, evictions, records, pids, _ = _run_many(names, max_vms, max_devices)
     print(f"\npeaks {peaks}, evictions {evictions}, "
           f"{len(records)} episode lines for our VMs")
-    assert peaks["devices"] <= max_devices and peaks["info"] <= max_devices, peaks
-    assert peaks["vms"] <= max_vms and peaks["vm_labels"] <= max_vms, peaks
+    assert peaks["devices"] <= max_devices and peaks["info"] <= 2 * max_devices, peaks
+    assert peaks["vms"] <= max_vms and peaks["vm_labels"] <= 2 * max_vms, peaks
     assert peaks["info"] > 0
     assert evictions.get("device", 0) > 0 and evictions.get("vm", 0) > 0, evictions
     ended = [r for r in records if r["outcome"] != "stuck"]

@@ -88,7 +88,8 @@ def test_device_metrics_follow_the_snapshot():
                               build_info=BUILD))
     s = r["samples"]
     a = dict(vm="web-1", namespace="prod", device="pci-0000:00:03.0")
-    assert value(s, "virtio_device_info", type="net", transport="pci-modern", **a) == 1
+    assert value(s, "virtio_device_info", type="net", transport="pci-modern", ifname="",
+                 **a) == 1
     assert value(s, "virtio_device_status", **a) == 15
     assert value(s, "virtio_device_needs_reset_total", **a) == 3
     assert value(s, "virtio_device_recoveries_total", **a) == 2
@@ -133,7 +134,10 @@ def test_every_documented_metric_is_exported():
     h.observe(EpisodeEnded(recovered()))
     stats = SelfStats(hooks={"mmio": True}, prog_run_time_ns={"p": 1}, prog_run_count={"p": 1},
                       map_entries={"watch": 1}, map_capacity={"watch": 4096})
-    text = scrape(AgentCollector(make_snapshot, h, lambda: stats, build_info=BUILD))["text"]
+    from agent.net_outage import NetOutageTracker   # the run loop's virtio-net families
+
+    text = scrape(AgentCollector(make_snapshot, h, lambda: stats, build_info=BUILD,
+                                 extra_families_fn=NetOutageTracker().families))["text"]
     exported = set()
     for fam in text_string_to_metric_families(text):
         exported.add(fam.name if fam.type != "counter" else fam.name + "_total")
@@ -177,7 +181,7 @@ def test_unknown_label_values_are_folded():
     h.observe(EpisodeEnded(recovered(type_="zzz", transport="yyy")))
     s = scrape(AgentCollector(lambda: snap, h, build_info=BUILD))["samples"]
     assert value(s, "virtio_device_info", vm="web-1", namespace="prod", device="pci-0000:00:03.0",
-                 type="unknown", transport="unknown") == 1
+                 type="unknown", transport="unknown", ifname="") == 1
     assert value(s, "virtio_spec_violations_total", vm="web-1", namespace="prod",
                  rule="other") == 7
     assert value(s, "virtio_recovery_duration_seconds_count", type="unknown",
