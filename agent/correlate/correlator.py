@@ -95,6 +95,8 @@ class Correlator:
         # exited VMs kept for retain_exited_ns: identity.key -> (until_ns, identity, devices)
         self._retired: OrderedDict = OrderedDict()
         self._retired_devices = 0
+        # identities of evicted VMs (bounded, LRU): their next event brings them back by name
+        self._evicted: OrderedDict[int, VmIdentity] = OrderedDict()
 
     # -- public API ------------------------------------------------------------------------
 
@@ -262,6 +264,7 @@ class Correlator:
             vm = self._vms.get(ev.pid)
             if vm is not None:
                 self._remove_vm(vm, ev.ts_ns, out, retain=True)
+            self._evicted.pop(ev.pid, None)
             self._exited[ev.pid] = ev.ts_ns
             self._exited.move_to_end(ev.pid)
             if len(self._exited) > 4 * self.config.max_vms:
@@ -295,7 +298,11 @@ class Correlator:
     def _vm(self, pid: int, ts: int, out: list[Output]) -> VmState:
         vm = self._vms.get(pid)
         if vm is None:
-            vm = self._new_vm(fallback_identity(pid), True, ts, out)
+            known = self._evicted.pop(pid, None)
+            if known is not None:
+                vm = self._new_vm(known, False, ts, out)
+            else:
+                vm = self._new_vm(fallback_identity(pid), True, ts, out)
         return vm
 
     def _new_vm(self, identity: VmIdentity, fallback: bool, ts: int, out: list[Output]) -> VmState:
@@ -303,6 +310,10 @@ class Correlator:
             victim = min(self._vms.values(), key=lambda v: (v.busy, v.last_ts))
             self._evictions["vm"] += 1
             self._remove_vm(victim, ts, out)
+            self._evicted[victim.identity.pid] = victim.identity
+            self._evicted.move_to_end(victim.identity.pid)
+            if len(self._evicted) > 4 * self.config.max_vms:
+                self._evicted.popitem(last=False)
         vm = VmState(identity=identity, fallback=fallback, last_ts=ts)
         self._vms[identity.pid] = vm
         self._apply_named_hints(vm, ts, out)
@@ -316,6 +327,7 @@ class Correlator:
 
     def _vm_started(self, ev: VmStarted, out: list[Output]) -> None:
         self._exited.pop(ev.pid, None)
+        self._evicted.pop(ev.pid, None)
         identity = VmIdentity(pid=ev.pid, start_time=ev.start_time, name=ev.name,
                               namespace=ev.namespace, uuid=ev.uuid, vmm=ev.vmm)
         vm = self._vms.get(ev.pid)

@@ -263,9 +263,6 @@ def test_many_vms_stay_within_max_vms_and_max_devices(bpf, kvm):
     assert len(ended) <= 2 * 2 * len(names), records
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent.run remembers the pids it identified (_seen) and does not feed VmStarted again when "
-    "correlation evicted that VM, so a VM that comes back after eviction is named pid-<pid>"))
 def test_an_evicted_vm_that_comes_back_keeps_its_name(bpf, kvm):
     names = [f"{PREFIX}evicted-{i}" for i in range(4)]
     _, evictions, records, pids, labels_seen = _run_many(names, max_vms=2, max_devices=8,

@@ -318,6 +318,27 @@ def test_bounds_evict_oldest_idle_vm_and_device_and_count_them():
     assert 0xFE000000 + 0x14 in removed
 
 
+def test_an_evicted_vm_that_comes_back_keeps_its_identity_unless_its_pid_was_reused():
+    s = Script()
+    devs = {}
+    for pid in (1, 2, 3):
+        devs[pid] = s.vm(pid, f"vm{pid}").device(Transport.PCI_MODERN)
+        devs[pid].init()
+    devs[1].init()                       # vm1 was evicted by vm3; it comes back (no VmStarted)
+    c, out = run(s.events, CorrelatorConfig(max_vms=2))
+    snap = c.snapshot(s.t)
+    assert snap.evictions["vm"] == 2
+    assert sorted(d.vm.name for d in snap.devices) == ["vm1", "vm3"]
+
+    # the evicted VM's process exits; a new process reuses the pid: no old name for it
+    c.feed(E.ProcessExit(s.t + 1, 2))
+    c.feed(E.RegisterAccess(s.t + 2, 2, 2, E.Space.MMIO, E.Op.READ, devs[2].status_addr, 1,
+                            0x0F))    # a running device, found by its status read
+    c.flush()
+    names = {d.vm.pid: d.vm.name for d in c.snapshot(s.t + 3).devices}
+    assert names[2] == "pid-2"
+
+
 def test_candidates_per_vm_are_bounded():
     s = Script()
     dev = s.vm(1).device(Transport.PCI_MODERN)

@@ -232,3 +232,42 @@ def test_health_names_missing_core_hooks():
     agent = run.Agent(source, correlator, lambda pid: None, core_hooks=["mmio", "apic"])
     ok, msg = agent.health()
     assert not ok and "kvm_mmio missing" in msg
+
+
+def test_a_vm_evicted_by_correlation_keeps_its_name_when_it_comes_back():
+    """max_vms=2 and three VMs: the first is evicted; when it comes back it must keep its name
+    (the agent identified it once; correlation remembers evicted identities), not become
+    pid-<pid>."""
+    import time
+
+    from agent.correlate import Correlator, CorrelatorConfig
+    from agent.events import VmStarted
+    from agent.model import Transport
+    from tests.unit.test_correlate_guestscript import Script
+
+    s = Script(t0=time.monotonic_ns())
+    devs = {}
+    for pid in (101, 102, 103):
+        devs[pid] = s.vm(pid, f"vm{pid}").device(Transport.PCI_MODERN)
+        devs[pid].init()
+    first_round = len(s.events)
+    devs[101].init()                      # the evicted VM comes back
+    started = {e.pid: e for e in s.events if isinstance(e, VmStarted)}
+    identified = []
+
+    def identify(pid):
+        identified.append(pid)
+        return started[pid]
+
+    others = [e for e in s.events if not isinstance(e, VmStarted)]
+    n_first = sum(1 for e in s.events[:first_round] if not isinstance(e, VmStarted))
+    correlator = Correlator(CorrelatorConfig(max_vms=2, reorder_window_ns=0))
+    agent = run.Agent(ScriptedSource([others[:n_first], others[n_first:]]), correlator,
+                      identify, core_hooks=["mmio"])
+    for _ in range(3):
+        agent.step(0)
+    snap = correlator.snapshot(s.t)
+    assert snap.evictions["vm"] >= 1
+    assert identified == [101, 102, 103], identified
+    assert "vm101" in {d.vm.name for d in snap.devices}
+    assert not [d.vm.name for d in snap.devices if d.vm.name.startswith("pid-")]
