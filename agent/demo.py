@@ -45,8 +45,11 @@ class AgentProcess:
     """`python -m agent run` on a loopback port; stdout (the episode log) goes to a file."""
 
     def __init__(self, stuck_after_s: float = 60.0, extra_args: Sequence[str] = (),
-                 port: Optional[int] = None, tls_ca: Optional[str] = None) -> None:
-        """tls_ca: the agent serves HTTPS (pass --tls-cert/--tls-key in extra_args); trust this."""
+                 port: Optional[int] = None, tls_ca: Optional[str] = None,
+                 state_file: Optional[str] = None) -> None:
+        """tls_ca: the agent serves HTTPS (pass --tls-cert/--tls-key in extra_args); trust this.
+        state_file: --state-file (default: one of this process's own, so agents started side by
+        side do not take over each other's state; pass an old agent's to restart it)."""
         self.port = port or free_port()
         self._ssl = None
         if tls_ca:
@@ -58,6 +61,7 @@ class AgentProcess:
         self._tmp = tempfile.TemporaryDirectory(prefix="vra-agent-")
         self.stdout_path = Path(self._tmp.name) / "stdout.jsonl"
         self.stderr_path = Path(self._tmp.name) / "stderr.log"
+        self.state_file = state_file or str(Path(self._tmp.name) / "state.json")
         self.proc: Optional[subprocess.Popen] = None
         self.returncode: Optional[int] = None
 
@@ -73,7 +77,7 @@ class AgentProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "agent", "run", "--listen", self.target,
                "--stuck-after", str(self.stuck_after_s), "--log-format", "text",
-               *self.extra_args]
+               "--state-file", self.state_file, *self.extra_args]
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err,
                                          stdin=subprocess.DEVNULL, env=env)

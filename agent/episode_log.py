@@ -24,6 +24,7 @@ def episode_record(episode: Episode, outcome: str) -> dict[str, Any]:
         "driver_ok_ns": episode.driver_ok_ns,
         "recovery_seconds": episode.recovery_seconds,
         "evidence": episode.evidence,
+        "resumed": episode.resumed,
     }
 
 

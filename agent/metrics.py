@@ -146,6 +146,8 @@ class SelfStats:
     prog_run_count: Optional[dict[str, int]] = None
     vmm_queries: dict[str, int] = field(default_factory=dict)       # result -> QMP probes made
     vmm_skipped: dict[str, int] = field(default_factory=dict)       # reason -> probes not made
+    state_saves: dict[str, int] = field(default_factory=dict)       # ok / error -> state file saves
+    state_restored: dict[str, int] = field(default_factory=dict)    # vms / devices / episodes
 
 
 @dataclass(frozen=True)
@@ -371,8 +373,18 @@ class AgentCollector(Collector):
             labels=["reason"])
         for reason in VMM_SKIP_REASONS:
             skipped.add_metric([reason], s.vmm_skipped.get(reason, 0))
+        saves = CounterMetricFamily(
+            "virtio_agent_state_saves_total",
+            "State file saves (--state-file), by result: ok, error.", labels=["result"])
+        for result in ("ok", "error"):
+            saves.add_metric([result], s.state_saves.get(result, 0))
+        restored = GaugeMetricFamily(
+            "virtio_agent_state_restored",
+            "What this agent took over from the state file when it started.", labels=["what"])
+        for what in ("vms", "devices", "episodes"):
+            restored.add_metric([what], s.state_restored.get(what, 0))
         families: list[Metric] = [build, hooks, events, filtered, lost, entries, capacity,
-                                  queries, skipped]
+                                  queries, skipped, saves, restored]
         if s.prog_run_time_ns is not None:
             run_time = CounterMetricFamily("virtio_agent_bpf_run_time_seconds_total",
                                            "BPF program run time (kernel.bpf_stats_enabled).",

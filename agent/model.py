@@ -74,6 +74,7 @@ class Episode:
     outcome: str = Outcome.OPEN
     stuck: bool = False
     reinit_values: list[int] = field(default_factory=list)  # status values written after the reset
+    resumed: bool = False    # carried over an agent restart: what happened meanwhile is unseen
 
     @property
     def recovery_seconds(self) -> Optional[float]:

@@ -44,6 +44,7 @@ DEFAULTS = {
     "vmm_probe": "on",
     "vmm_pci_types": "off",
     "retain_exited": "120",
+    "state_file": "/run/virtio-recovery-agent/state.json",
 }
 ENV = {name: "VRA_" + name.upper() for name in DEFAULTS}
 POLL_MS = 100
@@ -148,6 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     opt("--tls-key", "tls_key", str, "PEM private key for --tls-cert", "FILE")
     opt("--retain-exited", "retain_exited", _non_negative_float,
         "an exited VM's devices stay on /metrics this many seconds", "SECONDS")
+    opt("--state-file", "state_file", str,
+        "where the agent saves what it tracks (devices, open episodes) so that a restarted "
+        "agent goes on where it stopped; '' = don't", "PATH")
     opt("--vmm-probe", "vmm_probe", _choice("on", "off"),
         "ask QEMU over QMP (x-query-virtio-status) about a suspected NEEDS_RESET", "on|off")
     opt("--vmm-pci-types", "vmm_pci_types", _choice("on", "off"),
@@ -203,6 +207,7 @@ class LoopCounters:
     correlation_errors: int = 0
     output_errors: int = 0
     poll_errors: int = 0
+    state_saves: collections.Counter = field(default_factory=collections.Counter)  # ok / error
     loops: int = 0
     last_loop_monotonic: float = field(default_factory=time.monotonic)
 
@@ -218,11 +223,15 @@ class Agent:
     def __init__(self, capture, correlator, identify: Callable[[int], Optional[VmStarted]],
                  episode_log: Optional[EpisodeLog] = None, stuck_after_s: float = 60.0,
                  max_vms: int = 256, core_hooks: Iterable[str] = (),
-                 confirmer=None, net_outage=None, pci_typer=None) -> None:
+                 confirmer=None, net_outage=None, pci_typer=None, state_file=None) -> None:
         # confirmer: agent.confirm.VmmConfirmer (asks QEMU about suspected NEEDS_RESET) or None;
         # pci_typer: agent.confirm.PciTyper (device types from query-pci, opt-in) or None
         self.confirmer = confirmer
         self.pci_typer = pci_typer
+        # state_file: agent.state_file.StateFile (acquired) or None
+        self.state_file = state_file
+        self._saved_changes = -1
+        self.restored: dict[str, int] = {"vms": 0, "devices": 0, "episodes": 0}
         # net_outage: agent.net_outage.NetOutageTracker (virtio-net backends' drops) or None
         self.net_outage = net_outage
         self.capture = capture
@@ -262,6 +271,9 @@ class Agent:
             s.vmm_skipped = dict(self.confirmer.skipped)
         if self.pci_typer is not None:
             s.vmm_queries.update(self.pci_typer.queries)
+        with self._lock:
+            s.state_saves = dict(self.counters.state_saves)
+        s.state_restored = dict(self.restored)
         return s
 
     def health(self) -> tuple[bool, str]:
@@ -298,6 +310,7 @@ class Agent:
                 for h in self.pci_typer.poll():
                     self.correlator.annotate_device(h.pid, h.space, h.addr, h.type)
             net_starts = self._net_pending(now)
+            state = self._state_to_save(now)
             self.counters.loops += 1
             self.counters.last_loop_monotonic = time.monotonic()
         # outside the lock: /proc, netlink and maybe QMP (a scrape must not wait for them)
@@ -307,7 +320,78 @@ class Agent:
             except Exception:
                 self.counters.output_errors += 1
                 log.exception("metering the network impact of %s failed", ep.device)
+        if state is not None:
+            self._save(state)
         return len(events)
+
+    # -- the state file (restarts) -------------------------------------------------------------
+
+    def restore(self) -> None:
+        """Go on from the state file, if any (before the first step)."""
+        from agent.correlate.checkpoint import StateError, restore
+
+        if self.state_file is None:
+            return
+        state = self.state_file.load()
+        if state is None:
+            return
+        with self._lock:
+            try:
+                outputs = restore(self.correlator, state, self.state_file.alive,
+                                  time.monotonic_ns())
+            except StateError as exc:
+                log.warning("ignoring state file %s: %s", self.state_file.path, exc)
+                return
+            self._apply(outputs)
+            snap = self.correlator.snapshot(time.monotonic_ns())
+            self.restored = {"vms": snap.vms, "devices": len(snap.devices),
+                             "episodes": sum(d.open_episode is not None for d in snap.devices)}
+        gone = sum(isinstance(o, EpisodeEnded) for o in outputs)
+        log.info("restored from %s: %d VMs, %d devices, %d open episodes; %d episodes of VMs "
+                 "that exited meanwhile ended abandoned", self.state_file.path,
+                 self.restored["vms"], self.restored["devices"], self.restored["episodes"], gone)
+
+    def _state_to_save(self, now: int) -> Optional[dict]:
+        """The correlator's state when it changed since the last save (tick time only)."""
+        if self.state_file is None or self._last_tick_ns != now:
+            return None
+        changes = self.correlator.changes
+        if changes == self._saved_changes:
+            return None
+        from agent.correlate.checkpoint import dump
+
+        self._saved_changes = changes
+        return dump(self.correlator)
+
+    def _save(self, state: dict) -> None:
+        try:
+            self.state_file.save(state)
+        except OSError as exc:
+            with self._lock:
+                self.counters.state_saves["error"] += 1
+                first = self.counters.state_saves["error"] == 1
+                self._saved_changes = -1        # try again at the next tick
+            (log.error if first else log.debug)("saving the state file %s failed: %s",
+                                                self.state_file.path, exc)
+            return
+        with self._lock:
+            self.counters.state_saves["ok"] += 1
+
+    def save_state(self) -> None:
+        """At shutdown: correlate what is buffered and save, so the next agent goes on from
+        here (a rolling update loses nothing but the events of the gap)."""
+        if self.state_file is None:
+            return
+        from agent.correlate.checkpoint import dump
+
+        with self._lock:
+            try:
+                self._apply(self.correlator.flush())
+            except Exception:
+                self.counters.correlation_errors += 1
+                log.exception("correlating the last events failed")
+            state = dump(self.correlator)
+        self._save(state)
 
     def _net_pending(self, now: int) -> list:
         """Newly opened episodes whose network impact to meter (at tick time only)."""
@@ -470,11 +554,29 @@ def build_agent(args: argparse.Namespace, episode_stream=None) -> Agent:
         from agent.confirm import PciTyper
 
         pci_typer = PciTyper()
-    return Agent(capture, correlator, identify_vm, confirmer=confirmer, pci_typer=pci_typer,
-                 net_outage=_net_outage_tracker(),
-                 episode_log=EpisodeLog(episode_stream or sys.stdout),
-                 stuck_after_s=args.stuck_after, max_vms=args.max_vms,
-                 core_hooks=core_hooks(hooks))
+    agent = Agent(capture, correlator, identify_vm, confirmer=confirmer, pci_typer=pci_typer,
+                  net_outage=_net_outage_tracker(),
+                  episode_log=EpisodeLog(episode_stream or sys.stdout),
+                  stuck_after_s=args.stuck_after, max_vms=args.max_vms,
+                  core_hooks=core_hooks(hooks), state_file=_state_file(args))
+    agent.restore()
+    return agent
+
+
+def _state_file(args: argparse.Namespace):
+    """agent.state_file.StateFile for --state-file, or None (off, or in use: logged)."""
+    path = getattr(args, "state_file", "")
+    if not path:
+        log.info("no state file: a restarted agent starts afresh")
+        return None
+    from agent.state_file import StateFile
+
+    sf = StateFile(path)
+    problem = sf.acquire()
+    if problem:
+        log.warning("running without a state file (a restart loses open episodes): %s", problem)
+        return None
+    return sf
 
 
 def _net_outage_tracker():
@@ -573,10 +675,13 @@ def main(args: argparse.Namespace) -> int:
         return 0
     finally:
         if agent is not None:
+            agent.save_state()
             try:
                 agent.capture.close()
             except Exception:
                 log.exception("detaching hooks failed")
+            if agent.state_file is not None:
+                agent.state_file.close()
         server.close()
         log.info("stopped")
 

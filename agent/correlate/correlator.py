@@ -97,6 +97,8 @@ class Correlator:
         self._retired_devices = 0
         # identities of evicted VMs (bounded, LRU): their next event brings them back by name
         self._evicted: OrderedDict[int, VmIdentity] = OrderedDict()
+        # bumped whenever what agent.correlate.checkpoint saves may have changed
+        self.changes = 0
 
     # -- public API ------------------------------------------------------------------------
 
@@ -126,6 +128,7 @@ class Correlator:
         if known is None:
             return False
         known[0].type = type
+        self.changes += 1
         return True
 
     def vmm_status(self, pid: int, device: str, ts_ns: int, needs_reset: bool,
@@ -138,6 +141,7 @@ class Correlator:
         if dev is None:
             return []
         out: list[Output] = []
+        self.changes += 1
         if type and type != "unknown":
             dev.type = type
         if needs_reset and dev.open_episode is None:
@@ -208,6 +212,8 @@ class Correlator:
         return out
 
     def _count_outputs(self, out: list[Output]) -> None:
+        if out:
+            self.changes += 1
         for o in out:
             if isinstance(o, Violation):
                 self._violations[(o.vm, o.rule)] += 1
@@ -240,6 +246,7 @@ class Correlator:
 
     def _arm(self, vm: VmState, dev: DeviceState) -> None:
         """Schedule the stuck check of the episode just opened and its notify window, if any."""
+        self.changes += 1
         ep = dev.open_episode
         if ep is not None:
             self._started[ep.evidence] += 1
@@ -314,6 +321,7 @@ class Correlator:
             self._evicted.move_to_end(victim.identity.pid)
             if len(self._evicted) > 4 * self.config.max_vms:
                 self._evicted.popitem(last=False)
+        self.changes += 1
         vm = VmState(identity=identity, fallback=fallback, last_ts=ts)
         self._vms[identity.pid] = vm
         self._apply_named_hints(vm, ts, out)
@@ -344,6 +352,7 @@ class Correlator:
             self._new_vm(identity, False, ev.ts_ns, out)
 
     def _rename(self, vm: VmState, identity: VmIdentity) -> None:
+        self.changes += 1
         old = vm.identity
         vm.identity = identity
         vm.fallback = False
@@ -354,6 +363,7 @@ class Correlator:
             self._violations[(identity, rule)] += self._violations.pop((who, rule))
 
     def _remove_vm(self, vm: VmState, ts: int, out: list[Output], retain: bool = False) -> None:
+        self.changes += 1
         devices = list(vm.devices.values())
         for dev in devices:
             self._remove_device(vm, dev, ts, out)
@@ -437,17 +447,22 @@ class Correlator:
         dev = DeviceState(id=layout.device_id, type=dev_type, transport=layout.transport,
                           layout=layout, last_ts=ts)
         self._add_device(vm, dev, out)
-        for reg_addr, reg in layout.registers().items():
-            vm.candidates.pop((space, reg_addr), None)
-            vm.regs[(space, reg_addr)] = (dev, reg)
-            dev.watched[reg_addr] = reg
-            out.append(WatchRegister(vm.identity.pid, space, reg_addr, reg))
+        self._watch(vm, dev, out)
         if hint is not None:
             if hint.config_vector is not None:
                 self._learn_vector(vm, dev, hint.config_vector, out, trusted=True)
             if hint.gsi is not None:
                 self._learn_gsi(vm, dev, hint.gsi, out)
         return dev
+
+    def _watch(self, vm: VmState, dev: DeviceState, out: list[Output]) -> None:
+        """Map the device's registers and ask capture to watch them."""
+        space = dev.layout.space
+        for reg_addr, reg in dev.layout.registers().items():
+            vm.candidates.pop((space, reg_addr), None)
+            vm.regs[(space, reg_addr)] = (dev, reg)
+            dev.watched[reg_addr] = reg
+            out.append(WatchRegister(vm.identity.pid, space, reg_addr, reg))
 
     def _learn_vector(self, vm: VmState, dev: DeviceState, vector: int, out: list[Output],
                       trusted: bool = False) -> None:
@@ -502,6 +517,10 @@ class Correlator:
 
     def _status(self, vm: VmState, dev: DeviceState, ev: RegisterAccess, out: list[Output]) -> None:
         value = ev.value & 0xFF
+        if dev.open_episode is not None:
+            self.changes += 1       # its marks may move
+        if dev.resumed:
+            out.extend(dev.after_gap(ev.ts_ns, value, ev.op == Op.WRITE))
         if dev.suspect_irq_ns is not None and ev.ts_ns >= dev.suspect_irq_ns:
             # the guest looks at status: the state machine sees NEEDS_RESET (or not) itself
             dev.clear_suspicion()
@@ -639,6 +658,8 @@ class Correlator:
                               last_ts=ev.ts_ns)
             self._add_device(vm, dev, out)
         value = ev.value & 0xFF
+        if dev.resumed:
+            out.extend(dev.after_gap(ev.ts_ns, value, ev.op == Op.WRITE))
         if ev.op == Op.WRITE:
             out.extend(dev.status_write(vm.identity, ev.ts_ns, value,
                                         self.config.max_reinit_values))

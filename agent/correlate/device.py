@@ -74,6 +74,10 @@ class DeviceState:
     suspect_kick_ns: Optional[int] = None
     suspected: bool = False
     last_kick_ns: Optional[int] = None
+    # restored by agent.correlate.checkpoint with an open episode: the next status access shows
+    # what happened while no agent watched (after_gap); reset_unseen: a reset happened then
+    resumed: bool = False
+    reset_unseen: bool = False
 
     @property
     def config_irq_known(self) -> bool:
@@ -121,7 +125,8 @@ class DeviceState:
                                      f"0x{prev:02x} -> 0x{value:02x} without writing 0"))
         self.failed = bool(value & FAILED)
         self.driver_bits = value & DRIVER_BITS
-        if ep is not None and (ep.reset_written_ns is not None or ep.reset_done_ns is not None):
+        if ep is not None and (ep.reset_written_ns is not None or ep.reset_done_ns is not None
+                               or self.reset_unseen):
             if len(ep.reinit_values) < max_reinit:
                 ep.reinit_values.append(value)
             if value & DRIVER_OK and not value & FAILED:
@@ -151,6 +156,29 @@ class DeviceState:
             self.failed = bool(value & FAILED)
         return False
 
+    def after_gap(self, ts: int, value: int, write: bool) -> list[Output]:
+        """The first status access after a restore: did the guest reset the device while no
+        agent watched? A driver write (not 0, not FAILED) during NEEDS_RESET with no reset seen
+        only follows a reset; a read without NEEDS_RESET means the reset happened; a read
+        with DRIVER_OK means the re-initialisation is done too (when: unknown)."""
+        self.resumed = False
+        ep = self.open_episode
+        if ep is None or value == 0 or value & FAILED:
+            return []
+        reset_seen = ep.reset_written_ns is not None or ep.reset_done_ns is not None
+        if write:
+            if not reset_seen:
+                self._reset()
+                self.reset_unseen = True
+            return []
+        if value & DEVICE_NEEDS_RESET:
+            return []
+        self.reset_unseen = True
+        self.driver_bits = value & DRIVER_BITS
+        if value & DRIVER_OK:
+            return [self._end(ts, Outcome.RECOVERED)]
+        return []
+
     def clear_suspicion(self) -> None:
         self.suspect_irq_ns = None
         self.suspect_kick_ns = None
@@ -159,6 +187,7 @@ class DeviceState:
     def _reset(self) -> None:
         self.driver_bits = 0
         self.failed = False
+        self.reset_unseen = False
 
     # -- episodes ------------------------------------------------------------------------
 
@@ -179,6 +208,7 @@ class DeviceState:
         if outcome == Outcome.RECOVERED:
             self.recoveries_total += 1
         self.open_episode = None
+        self.reset_unseen = False
         self.last_episode_end_ns = ts
         return EpisodeEnded(copy_episode(ep))
 

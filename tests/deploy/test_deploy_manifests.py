@@ -154,6 +154,24 @@ def test_daemonset_mounts_what_bcc_needs_read_only():
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
 
 
+def test_daemonset_keeps_the_state_file_on_the_host_where_the_agent_writes_it():
+    """The agent's default --state-file lies in a writable hostPath mount (the root fs is
+    read-only), so a restarted container goes on with the old one's open episodes."""
+    import os
+
+    from agent.run import DEFAULTS
+
+    objs = _raw_objects()
+    container = _agent_container(objs)
+    assert not any(e["name"] == "VRA_STATE_FILE" for e in container.get("env", []))
+    assert "--state-file" not in " ".join(container.get("args", []))
+    volumes = {v["name"]: v for v in _by_kind(objs, "DaemonSet")["spec"]["template"]["spec"]["volumes"]}
+    state_dir = os.path.dirname(DEFAULTS["state_file"])
+    mount = {m["mountPath"]: m for m in container["volumeMounts"]}[state_dir]
+    assert not mount.get("readOnly", False)
+    assert volumes[mount["name"]]["hostPath"] == {"path": state_dir, "type": "DirectoryOrCreate"}
+
+
 def test_daemonset_resources_probes_and_port_match_the_agent():
     container = _agent_container(_raw_objects())
     for kind in ("requests", "limits"):

@@ -74,7 +74,8 @@ def lab(tmp_path_factory):
     port = 19000 + os.getpid() % 1000
     agent_log = tmp / "agent.log"
     agent = subprocess.Popen([sys.executable, "-m", "agent", "run", "--listen", f"127.0.0.1:{port}",
-                              "--stuck-after", "1"], cwd=ROOT, stdout=open(agent_log, "wb"),
+                              "--stuck-after", "1", "--state-file", str(tmp / "state.json")],
+                             cwd=ROOT, stdout=open(agent_log, "wb"),
                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     prom = None
     stuck_vm = None

@@ -1,0 +1,133 @@
+"""The correlator's state carried over an agent restart (pure: dicts in and out, no I/O).
+
+What a restarted agent needs to go on as if it had not stopped: the VMs and their devices (so
+capture watches their registers again at once, instead of waiting for discovery), learnt
+interrupt vectors / GSIs, and each open NEEDS_RESET episode with its marks, so the episode keeps
+its real start and is reported once, by the new agent. Cumulative counters are not carried: the
+new process's counters start at 0 (a counter reset, which Prometheus handles).
+
+Events while no agent ran are unseen. A restored open episode is `resumed`; the first status
+access after the restore tells what the gap hid (DeviceState.after_gap). A VM that exited
+meanwhile has its open episodes ended `abandoned` at the restore.
+
+Timestamps are CLOCK_MONOTONIC: a state from another boot is meaningless (the caller checks
+the boot id, agent/state_file.py).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from agent.model import Episode, EpisodeEnded, Outcome, Output, VmIdentity
+from agent.correlate.correlator import Correlator, VmState
+from agent.correlate.device import DeviceState
+from agent.correlate.layout import Layout
+
+VERSION = 1
+_IDENTITY = ("pid", "start_time", "name", "namespace", "uuid", "vmm")
+_DEVICE = ("id", "type", "transport", "config_vector", "vector_trusted", "gsi", "msix_config",
+           "last_config_irq_ns", "last_episode_end_ns")
+_EPISODE = ("evidence", "start_ns", "guest_saw_ns", "reset_written_ns", "reset_done_ns",
+            "driver_ok_ns", "stuck", "reinit_values")
+
+
+class StateError(ValueError):
+    """The state is not one this version can restore (wrong version, malformed)."""
+
+
+def dump(c: Correlator) -> dict[str, Any]:
+    """The state of every tracked VM (exited ones, kept only for scrapes, are left out)."""
+    vms = []
+    for vm in c._vms.values():
+        devices = []
+        for dev in vm.devices.values():
+            d: dict[str, Any] = {k: getattr(dev, k) for k in _DEVICE}
+            d["layout"] = None if dev.layout is None else [
+                dev.layout.transport, dev.layout.space, dev.layout.base]
+            ep = dev.open_episode
+            if ep is not None:
+                d["episode"] = {k: getattr(ep, k) for k in _EPISODE}
+                d["episode"]["reinit_values"] = list(ep.reinit_values)
+                d["driver_bits"] = dev.driver_bits
+                d["failed"] = dev.failed
+                d["status"] = dev.status
+            devices.append(d)
+        vms.append({"identity": {k: getattr(vm.identity, k) for k in _IDENTITY},
+                    "fallback": vm.fallback, "devices": devices})
+    return {"version": VERSION, "vms": vms}
+
+
+def restore(c: Correlator, state: dict[str, Any], alive: Callable[[VmIdentity], bool],
+            now_ns: int) -> list[Output]:
+    """Rebuild a fresh correlator's VMs and devices from `state`. Returns the outputs to apply:
+    WatchRegister / WatchInterrupt for capture, EpisodeEnded for episodes of VMs gone meanwhile.
+    `alive(identity)`: is that VMM process still the same one (pid and start time)?"""
+    if c._vms:
+        raise StateError("restore needs a correlator that has seen no VM yet")
+    if not isinstance(state, dict) or state.get("version") != VERSION:
+        raise StateError(f"state version {state.get('version') if isinstance(state, dict) else None!r}"
+                         f" is not {VERSION}")
+    out: list[Output] = []
+    try:
+        for v in state["vms"]:
+            identity = VmIdentity(**{k: v["identity"][k] for k in _IDENTITY})
+            devices = [(_device(d, now_ns), d) for d in v["devices"]]
+            if not alive(identity):
+                for dev, d in devices:
+                    ep = d.get("episode")
+                    if ep is not None:
+                        dev.open_episode = _episode(ep, identity, dev)
+                        c._started[dev.open_episode.evidence] += 1
+                        out.extend(dev.abandon(now_ns))
+                continue
+            vm = c._new_vm(identity, bool(v["fallback"]), now_ns, out)
+            for dev, d in devices:
+                _restore_device(c, vm, dev, d, out)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StateError(f"malformed state: {exc!r}") from exc
+    c._count_outputs(out)
+    c._stats["restored_vms"] += len(c._vms)
+    c._stats["restored_devices"] += c._devices
+    return out
+
+
+def _device(d: dict[str, Any], now_ns: int) -> DeviceState:
+    lay = d["layout"]
+    layout = None if lay is None else Layout(str(lay[0]), str(lay[1]), int(lay[2]))
+    dev = DeviceState(id=str(d["id"]), type=str(d["type"]), transport=str(d["transport"]),
+                      layout=layout, last_ts=now_ns)
+    for k in _DEVICE[3:]:
+        setattr(dev, k, d[k])
+    if layout is not None and layout.device_id != dev.id:
+        raise ValueError(f"device {dev.id} has the layout of {layout.device_id}")
+    return dev
+
+
+def _episode(e: dict[str, Any], identity: VmIdentity, dev: DeviceState) -> Episode:
+    ep = Episode(vm=identity, device=dev.id, type=dev.type, transport=dev.transport,
+                 evidence=str(e["evidence"]), start_ns=int(e["start_ns"]), resumed=True)
+    for k in _EPISODE[2:]:
+        setattr(ep, k, e[k])
+    ep.reinit_values = [int(x) for x in e["reinit_values"]]
+    ep.outcome = Outcome.OPEN
+    return ep
+
+
+def _restore_device(c: Correlator, vm: VmState, dev: DeviceState, d: dict[str, Any],
+                    out: list[Output]) -> None:
+    vector, trusted, gsi = dev.config_vector, dev.vector_trusted, dev.gsi
+    dev.config_vector = dev.gsi = None
+    c._add_device(vm, dev, out)
+    if dev.layout is not None:
+        c._watch(vm, dev, out)
+    if vector is not None and vector not in vm.vectors:
+        c._learn_vector(vm, dev, vector, out, trusted=trusted)
+    if gsi is not None:
+        c._learn_gsi(vm, dev, gsi, out)
+    ep = d.get("episode")
+    if ep is not None:
+        # the status as last seen: the first access after the gap is judged against it
+        dev.status, dev.driver_bits, dev.failed = d["status"], d["driver_bits"], bool(d["failed"])
+        dev.open_episode = _episode(ep, vm.identity, dev)
+        dev.needs_reset_total = 1
+        dev.resumed = True
+        c._arm(vm, dev)

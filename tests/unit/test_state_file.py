@@ -1,0 +1,122 @@
+"""agent.state_file on a fixture /proc, and the run loop handing an open episode over a restart."""
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+from agent import run
+from agent.model import VmIdentity
+from agent.state_file import StateFile, process_alive
+
+STAT = "{pid} (qemu-system-x86) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 5 3 0 0 20 0 4 0 {start} 1000 200"
+
+
+def fake_proc(tmp_path: Path, boot: str = "boot-1", procs=((4242, 777),)) -> str:
+    root = tmp_path / "proc"
+    (root / "sys/kernel/random").mkdir(parents=True)
+    (root / "sys/kernel/random/boot_id").write_text(boot + "\n")
+    for pid, start in procs:
+        (root / str(pid)).mkdir()
+        (root / str(pid) / "stat").write_text(STAT.format(pid=pid, start=start))
+    return str(root)
+
+
+def test_save_load_round_trip_and_other_boots_are_ignored(tmp_path):
+    proc = fake_proc(tmp_path)
+    path = str(tmp_path / "state" / "state.json")
+    sf = StateFile(path, proc_root=proc)
+    assert sf.acquire() is None
+    assert sf.load() is None                      # no file yet
+    sf.save({"version": 1, "vms": []})
+    assert sf.load() == {"version": 1, "vms": []}
+    assert oct(Path(path).stat().st_mode & 0o777) == "0o600"
+    assert not Path(path + ".tmp").exists()
+    other = StateFile(path, proc_root=fake_proc(tmp_path / "b", boot="boot-2"))
+    assert other.load() is None
+    sf.close()
+
+
+def test_a_second_agent_cannot_take_a_file_in_use(tmp_path):
+    proc = fake_proc(tmp_path)
+    path = str(tmp_path / "state.json")
+    first, second = StateFile(path, proc_root=proc), StateFile(path, proc_root=proc)
+    assert first.acquire() is None
+    assert "in use by another agent" in second.acquire()
+    first.close()
+    assert second.acquire() is None
+    second.close()
+
+
+def test_unusable_files_are_ignored_with_a_reason(tmp_path, caplog):
+    proc = fake_proc(tmp_path)
+    path = tmp_path / "state.json"
+    sf = StateFile(str(path), proc_root=proc)
+    path.write_text("{not json")
+    assert sf.load() is None
+    path.write_text(json.dumps([1, 2]))
+    assert sf.load() is None
+    assert "ignoring state file" in caplog.text
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert "cannot create" in StateFile(str(blocked / "state.json"), proc_root=proc).acquire()
+
+
+def test_process_alive_needs_the_same_start_time(tmp_path):
+    proc = fake_proc(tmp_path, procs=((4242, 777),))
+    assert process_alive(VmIdentity(4242, 777, "a"), proc)
+    assert not process_alive(VmIdentity(4242, 778, "a"), proc)    # pid reused
+    assert not process_alive(VmIdentity(4243, 777, "a"), proc)    # gone
+    assert process_alive(VmIdentity(4242, 0, "pid-4242"), proc)   # fallback: pid only
+
+
+def test_the_loop_hands_an_open_episode_to_the_next_agent(tmp_path):
+    """Agent 1 sees the NEEDS_RESET and stops (save_state, as at SIGTERM); agent 2 starts from
+    the file and sees the recovery: one `recovered` line, with agent 1's start."""
+    from agent.correlate import Correlator, CorrelatorConfig
+    from agent.episode_log import EpisodeLog, read_records
+    from agent.events import VmStarted
+    from tests.unit.test_correlate_guestscript import Script
+    from tests.unit.test_run_cli import ScriptedSource
+
+    s = Script(t0=time.monotonic_ns())
+    dev = s.vm(4242, "lab-vm", start_time=777).device(vector=0x31)
+    dev.init()
+    truth = dev.needs_reset()
+    split = len(s.events)
+    dev.recover()
+    started = next(e for e in s.events if isinstance(e, VmStarted))
+    cfg = CorrelatorConfig(hints=(dev.hint(),), reorder_window_ns=0)
+    proc = fake_proc(tmp_path, procs=((4242, 777),))
+    path = str(tmp_path / "state.json")
+
+    def agent_with(events, stream):
+        sf = StateFile(path, proc_root=proc)
+        assert sf.acquire() is None
+        source = ScriptedSource([[e for e in events if not isinstance(e, VmStarted)]])
+        agent = run.Agent(source, Correlator(cfg), lambda pid: started,
+                          episode_log=EpisodeLog(stream), state_file=sf)
+        agent.restore()
+        return agent, source, sf
+
+    log1, log2 = io.StringIO(), io.StringIO()
+    a1, _, sf1 = agent_with(s.events[:split], log1)
+    a1.step(0)
+    a1.save_state()
+    sf1.close()
+    a2, source2, sf2 = agent_with(s.events[split:], log2)
+    assert a2.restored == {"vms": 1, "devices": 1, "episodes": 1}
+    assert any(w.addr == dev.status_addr for w in source2.watches)   # watched before any event
+    a2.step(0)
+    a2.save_state()
+    sf2.close()
+    assert read_records(log1.getvalue().splitlines()) == []
+    (rec,) = read_records(log2.getvalue().splitlines())
+    assert rec["outcome"] == "recovered" and rec["resumed"] is True
+    assert (rec["start_ns"], rec["driver_ok_ns"]) == (truth.start_ns, truth.driver_ok_ns)
+    stats = a2.self_stats()              # saved at its tick (changes) and at the stop
+    assert stats.state_saves == {"ok": 2} and stats.state_restored["episodes"] == 1
+    # what agent 2 left: the device, no open episode
+    saved = json.loads(Path(path).read_text())["state"]
+    assert [d.get("episode") for v in saved["vms"] for d in v["devices"]] == [None]
