@@ -394,6 +394,13 @@ def agent_health() -> dict[str, Any]:
         ], description="Episodes of possibly-net devices whose backend drops were not measured: no_backend "
             "(no tap/macvtap: vhost-user, slirp, VFIO), unmatched (several NICs/taps and no QMP socket), "
             "refused (too many at once), gone (interface vanished), inconsistent, missed, error."),
+        Panel("State file: saves and what a restart took over", "timeseries", [
+            Query(f"sum by (instance, result) (increase(virtio_agent_state_saves_total{{{SEL}}}[{ri}]))",
+                  "{{instance}} saves {{result}}"),
+            Query(f"max by (instance, what) (virtio_agent_state_restored{{{SEL}}})",
+                  "{{instance}} restored {{what}}"),
+        ], description="--state-file (docs/run.md, Restarts): save errors mean a restart now would lose the "
+            "open episodes changed since the last good save; `restored` is what this agent took over when it started."),
         Panel("Evictions (a bound was reached)", "timeseries", [
             Query(f"sum by (instance, what) (increase(virtio_agent_evictions_total{{{SEL}}}[{ri}]))",
                   "{{instance}} {{what}}"),
