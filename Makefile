@@ -1,7 +1,7 @@
 # The two commands of the README: `make demo` and `make test`. Both set the host up first.
 PY := .venv/bin/python
 
-.PHONY: setup demo test unit guest clean
+.PHONY: setup demo test unit bench guest clean
 
 setup:
 	./scripts/setup-host
@@ -17,6 +17,10 @@ test: setup guest
 
 unit:
 	$(PY) -m pytest tests/unit
+
+# every benchmark in turn (root, KVM, BCC; ~8 min): docs/benchmarks.md
+bench: setup guest
+	$(PY) -m bench
 
 clean:
 	$(MAKE) -C lab/guest clean

@@ -1,8 +1,9 @@
 """The container image: Dockerfile lint, and (opt-in, VRA_IMAGE_TEST=1) a real build with podman on a
 locally debootstrapped Debian base, then `doctor` and `run` inside it with the DaemonSet's privileges.
 
-The build needs root, podman, runc and debootstrap (apt), and network access to Debian and PyPI.
-Cold: 24 s for the base (cached in /var/cache/vra-base), 39 s for the image; see docs/deploy.md.
+The build needs root, podman, runc and debootstrap (apt; scripts/setup-host installs them), and network
+access to Debian and PyPI. .ci/run sets VRA_IMAGE_TEST=1. From nothing the whole file takes about a minute
+here (base 24-30 s, cached in /var/cache/vra-base; image 24-28 s); see docs/deploy.md.
 """
 from __future__ import annotations
 
