@@ -17,6 +17,7 @@ import time
 import pytest
 
 from agent.demo import AgentProcess, match_episodes
+from tests.lab.scrape import samples, value, wait_until
 
 ABS_TOL_S = 0.0005
 REL_TOL = 0.02
@@ -25,34 +26,6 @@ AGENT_ARGS = ["--retain-exited", "0"]
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-def samples(agent: AgentProcess, name: str, text: str | None = None,
-            **labels) -> list[tuple[dict, float]]:
-    """Samples of metric `name` with these labels, from `text` or a fresh scrape."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = []
-    for fam in text_string_to_metric_families(text or agent.metrics_text()):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                out.append((s.labels, s.value))
-    return out
-
-
-def value(agent: AgentProcess, name: str, text: str | None = None, **labels) -> float:
-    return sum(v for _, v in samples(agent, name, text, **labels))
-
-
-def wait_until(what: str, fn, timeout_s: float = 10.0, every_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(every_s)
-
 
 def open_episode_start_ns(agent: AgentProcess, vm: str) -> int | None:
     """CLOCK_MONOTONIC start of the VM's open episode, from virtio_device_unrecovered_seconds."""
@@ -165,8 +138,8 @@ def test_vm_killed_mid_episode_is_abandoned_and_its_state_freed(agent):
     assert not samples(agent, "virtio_device_unrecovered_seconds", vm=name)
     # the agent-wide gauge agrees with the per-device series (one scrape: other VMs come and go)
     text = agent.metrics_text()
-    assert value(agent, "virtio_agent_devices", text) == \
-        len(samples(agent, "virtio_device_info", text))
+    assert value(text, "virtio_agent_devices") == \
+        len(samples(text, "virtio_device_info"))
     healthy(agent)
 
 
@@ -250,8 +223,8 @@ def test_agent_restart_while_the_guest_is_in_needs_reset_then_recovers(bpf, kvm,
                 "agent restart too slow for this test"
             # taken over at once: the device and its open episode, with the old start
             text = new.metrics_text()
-            assert value(new, "virtio_agent_state_restored", text, what="episodes") >= 1
-            assert len(samples(new, "virtio_device_info", text, vm=name)) == 1
+            assert value(text, "virtio_agent_state_restored", what="episodes") >= 1
+            assert len(samples(text, "virtio_device_info", vm=name)) == 1
             assert open_episode_start_ns(new, name) is not None
             result = vm.wait(30).raise_for_error()
         finally:
@@ -297,9 +270,9 @@ def test_agent_restart_while_a_stuck_guest_never_reads_again(bpf, kvm):
             new = _restart(old, name)
             assert vm.proc.poll() is None, "the guest stopped holding too early for this test"
             text = new.metrics_text()
-            assert value(new, "virtio_device_stuck", text, vm=name) == 1
-            assert len(samples(new, "virtio_device_info", text, vm=name)) == 1
-            age = value(new, "virtio_device_unrecovered_seconds", text, vm=name)
+            assert value(text, "virtio_device_stuck", vm=name) == 1
+            assert len(samples(text, "virtio_device_info", vm=name)) == 1
+            age = value(text, "virtio_device_unrecovered_seconds", vm=name)
             assert age >= (time.monotonic_ns() - first_start) / 1e9 - 0.5, age
             result = vm.wait(30).raise_for_error()
             exit_ns = time.monotonic_ns()

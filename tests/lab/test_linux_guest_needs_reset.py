@@ -20,36 +20,11 @@ import uuid
 import pytest
 
 from agent.demo import AgentProcess, match_episodes
+from tests.lab.scrape import samples, value, wait_until
 
 STUCK_AFTER_S = 2.0
 NET_ARGS = ("-netdev", "hubport,id=n0,hubid=0",
             "-device", "virtio-net-pci,id=net0,netdev=n0,romfile=,disable-legacy=on")
-
-
-def samples(agent: AgentProcess, name: str, **labels) -> list[tuple[dict, float]]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    out = []
-    for fam in text_string_to_metric_families(agent.metrics_text()):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                out.append((s.labels, s.value))
-    return out
-
-
-def value(agent: AgentProcess, name: str, **labels) -> float:
-    return sum(v for _, v in samples(agent, name, **labels))
-
-
-def wait_until(what: str, fn, timeout_s: float = 15.0, every_s: float = 0.05):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = fn()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(every_s)
 
 
 def vmm_queries(agent: AgentProcess) -> float:

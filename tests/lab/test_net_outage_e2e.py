@@ -23,7 +23,8 @@ import time
 import uuid
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+from tests.lab.scrape import samples, wait_until
 
 pytestmark = pytest.mark.kvm
 
@@ -89,25 +90,6 @@ def frame(size: int = 200, dst: str = GUEST_MAC) -> bytes:
             + ETHERTYPE_EXPERIMENTAL + b"\x5a" * (size - 14))
 
 
-def samples(text: str, name: str, **labels) -> list[tuple[dict, float]]:
-    out = []
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                out.append((s.labels, s.value))
-    return out
-
-
-def wait_until(what: str, fn, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def test_agent_reports_the_frames_the_tap_dropped_during_a_virtio_net_outage(
         netns, agent, tmp_path, monkeypatch):
     from pyroute2 import netns as pr_netns
@@ -139,7 +121,7 @@ def test_agent_reports_the_frames_the_tap_dropped_during_a_virtio_net_outage(
                                   check=True, capture_output=True, text=True).stdout)
         # both devices at DRIVER_OK; the guest faults them right after printing these lines
         wait_until("the guest's device lines",
-                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout=20)
+                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout_s=20)
         sock = pr_netns.create_socket(ns_path, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0)
         with sock:
             sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 64 << 20)
@@ -151,7 +133,7 @@ def test_agent_reports_the_frames_the_tap_dropped_during_a_virtio_net_outage(
                 wait_until("the agent metering the episode", lambda: any(
                     v == 1 for _, v in samples(agent.metrics_text(),
                                                "virtio_agent_net_outage_open")),
-                    timeout=DELAY_MS / 1000 + 10)
+                    timeout_s=DELAY_MS / 1000 + 10)
             except AssertionError:
                 print(vm.serial_text(), agent.records(), agent.stderr_tail(30),
                       [line for line in agent.metrics_text().splitlines()
@@ -164,7 +146,7 @@ def test_agent_reports_the_frames_the_tap_dropped_during_a_virtio_net_outage(
             s2 = settled(ns)
         # nothing is sent from here on
         net_records = wait_until("the agent's record of the net episode", lambda: [
-            r for r in agent.records() if r["vm"] == name and "net" in r], timeout=15)
+            r for r in agent.records() if r["vm"] == name and "net" in r], timeout_s=15)
         s3 = sysfs(ns)
         result = vm.wait(30).raise_for_error()
     text = agent.metrics_text()
@@ -238,13 +220,13 @@ def test_device_info_names_the_backend_interface_while_the_vm_runs(netns, agent,
         with open_iproute(ns_path) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=TAP)[0], state="up")
         wait_until("the guest's device lines",
-                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout=20)
+                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout_s=20)
         with pr_netns.create_socket(ns_path, socket.AF_PACKET, socket.SOCK_RAW, 0,
                                     flags=0) as sock:
             sock.bind((TAP, 0))
             sock.send(frame())                    # the fault
         info = wait_until("virtio_device_info with the tap", lambda: samples(
-            agent.metrics_text(), "virtio_device_info", vm=name, ifname=TAP), timeout=10)
+            agent.metrics_text(), "virtio_device_info", vm=name, ifname=TAP), timeout_s=10)
         # one ifname per device: only the net device has one, the rng's is empty
         everything = samples(agent.metrics_text(), "virtio_device_info", vm=name)
         assert len(info) == 1 and len(everything) == 2, everything
@@ -282,7 +264,7 @@ def test_without_qmp_an_ambiguous_device_is_counted_not_guessed(netns, agent, tm
         with open_iproute(ns_path) as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=TAP)[0], state="up")
         wait_until("the guest's device lines",
-                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout=20)
+                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout_s=20)
         with pr_netns.create_socket(ns_path, socket.AF_PACKET, socket.SOCK_RAW, 0,
                                     flags=0) as sock:
             sock.bind((TAP, 0))
@@ -322,7 +304,7 @@ def test_a_macvtap_passed_by_fd_is_attributed_over_qmp_and_its_drops_reported(
     dev = subprocess.run(["ip", "netns", "exec", ns, "cat",
                           f"/sys/class/net/{mvt_name}/tap{mvt}/dev"],
                          check=True, capture_output=True, text=True).stdout.strip()
-    wait_until(node, lambda: os.path.exists(node), timeout=5)
+    wait_until(node, lambda: os.path.exists(node), timeout_s=5)
     major, minor = (int(x) for x in dev.split(":"))
     assert os.stat(node).st_rdev == os.makedev(major, minor), f"{node} is not {mvt_name}'s"
     # the wrapper opens the macvtap as fd 3 and QEMU inherits it (as libvirt passes it)
@@ -342,7 +324,7 @@ def test_a_macvtap_passed_by_fd_is_attributed_over_qmp_and_its_drops_reported(
                               check=True, capture_output=True, text=True).stdout)
     with LabVM.start(spec) as vm:
         wait_until("the guest's device lines",
-                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout=20)
+                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout_s=20)
         with pr_netns.create_socket(ns_path, socket.AF_PACKET, socket.SOCK_RAW, 0,
                                     flags=0) as sock:
             sock.setsockopt(socket.SOL_SOCKET, SO_SNDBUFFORCE, 64 << 20)
@@ -353,14 +335,14 @@ def test_a_macvtap_passed_by_fd_is_attributed_over_qmp_and_its_drops_reported(
             wait_until("the agent metering the episode", lambda: any(
                 v == 1 for _, v in samples(agent.metrics_text(),
                                            "virtio_agent_net_outage_open")),
-                timeout=DELAY_MS / 1000 + 10)
+                timeout_s=DELAY_MS / 1000 + 10)
             s1 = settled(ns, mvt_name)
             sent = 3 * qlen
             for _ in range(sent):
                 assert sock.send(data, socket.MSG_DONTWAIT) == len(data)
             s2 = settled(ns, mvt_name)
         [first] = wait_until("the agent's record of the net episode", lambda: [
-            r for r in agent.records() if r["vm"] == name and "net" in r], timeout=15)
+            r for r in agent.records() if r["vm"] == name and "net" in r], timeout_s=15)
         s3 = sysfs(ns, mvt_name)
         vm.wait(30).raise_for_error()
     net = first["net"]
