@@ -339,8 +339,11 @@ class Agent:
             try:
                 outputs = restore(self.correlator, state, self.state_file.alive,
                                   time.monotonic_ns())
-            except StateError as exc:
-                log.warning("ignoring state file %s: %s", self.state_file.path, exc)
+            except Exception as exc:
+                # whatever is in the file, the agent starts (afresh: no half-restored state)
+                (log.warning if isinstance(exc, StateError) else log.exception)(
+                    "ignoring state file %s: %s", self.state_file.path, exc)
+                self.correlator = type(self.correlator)(self.correlator.config)
                 return
             self._apply(outputs)
             snap = self.correlator.snapshot(time.monotonic_ns())

@@ -120,3 +120,22 @@ def test_the_loop_hands_an_open_episode_to_the_next_agent(tmp_path):
     # what agent 2 left: the device, no open episode
     saved = json.loads(Path(path).read_text())["state"]
     assert [d.get("episode") for v in saved["vms"] for d in v["devices"]] == [None]
+
+
+def test_a_state_that_cannot_be_restored_leaves_a_fresh_correlator(tmp_path, caplog):
+    from agent.correlate import Correlator
+    from tests.unit.test_run_cli import ScriptedSource
+
+    proc = fake_proc(tmp_path, procs=((4242, 777),))
+    path = tmp_path / "state.json"
+    sf = StateFile(str(path), proc_root=proc)
+    assert sf.acquire() is None
+    good_vm = {"identity": {"pid": 4242, "start_time": 777, "name": "a", "namespace": "",
+                            "uuid": "", "vmm": "qemu"}, "fallback": False, "devices": []}
+    sf.save({"version": 1, "vms": [good_vm, {"identity": {"pid": 1}}]})   # second one broken
+    agent = run.Agent(ScriptedSource([]), Correlator(), lambda pid: None, state_file=sf)
+    agent.restore()
+    assert "ignoring state file" in caplog.text
+    assert agent.correlator.snapshot(0).vms == 0         # the good VM was not half-restored
+    assert agent.restored == {"vms": 0, "devices": 0, "episodes": 0}
+    sf.close()
