@@ -144,6 +144,8 @@ BPF_TABLE("lru_hash", u32, struct bucket, buckets, VM_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, tracked, VM_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct bucket, abuckets, VM_ENTRIES);
 BPF_TABLE("lru_hash", struct irq_key, u64, irq_seen, CAND_ENTRIES);
+// (VMM, vector) of an MSI activity discovery just forwarded: its LAPIC delivery is forwarded too
+BPF_TABLE("lru_hash", struct irq_key, u64, apic_pending, VM_ENTRIES);
 BPF_HASH(irq_watch, struct irq_key, u8, IRQ_ENTRIES);
 BPF_TABLE("lru_hash", u64, struct inflight, inflight_ioctl, INFLIGHT_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
@@ -443,8 +445,28 @@ static __always_inline int msi_discovered(u32 vector)
         return 0;
     }
     irq_seen.update(&k, &now);
+    apic_pending.update(&k, &now);
     count(C_ACTIVITY_FORWARDED);
     return 1;
+}
+
+// The LAPIC delivery right after an MSI that activity discovery forwarded (same VMM, vector,
+// within APIC_AFTER_MSI_NS), once: correlation trusts an interrupt only with its delivery
+// (split-irqchip VMMs inject MSIs that are never delivered), and learns a config vector from
+// the delivery right before the first NEEDS_RESET read, before it can watch the vector.
+#define APIC_AFTER_MSI_NS 1000000ULL
+static __always_inline int apic_after_discovered_msi(u32 vector)
+{
+    struct irq_key k = {};
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.kind = IRQ_KIND_VECTOR;
+    k.num = vector;
+    u64 *at = apic_pending.lookup(&k);
+    if (!at)
+        return 0;
+    u64 then = *at;
+    apic_pending.delete(&k);
+    return bpf_ktime_get_ns() - then < APIC_AFTER_MSI_NS;
 }
 
 static __always_inline void handle_msi(u64 address, u64 data)
@@ -475,7 +497,7 @@ static __always_inline void handle_set_irq(u32 gsi, int level)
 
 static __always_inline void handle_apic(u32 apicid, u32 dm, u32 vec)
 {
-    if (!irq_interesting(IRQ_KIND_VECTOR, vec))
+    if (!apic_after_discovered_msi(vec) && !irq_interesting(IRQ_KIND_VECTOR, vec))
         return;
     struct event *e = reserve(EV_APIC);
     if (!e)

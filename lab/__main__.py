@@ -25,6 +25,7 @@ def _spec(a: argparse.Namespace) -> GuestSpec:
         transport=a.transport, scenario=a.scenario, devices=a.devices, irq=a.irq, repeat=a.repeat,
         delay_ms=a.delay_ms, hold_ms=a.hold_ms, fault_dev=a.fault_dev, reads=a.reads,
         writes=a.writes, period_ms=a.period_ms, start_delay_ms=a.start_delay_ms,
+        fault_delay_ms=a.fault_delay_ms,
         detect_ms=a.detect_ms, pit_ms=a.pit_ms, qmp=a.qmp, boot=a.boot,
         trace=tuple(a.trace or ()))
 
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--writes", type=int, default=100000)
     p.add_argument("--period-ms", type=int, default=10)
     p.add_argument("--start-delay-ms", type=int, default=0)
+    p.add_argument("--fault-delay-ms", type=int, default=0,
+                   help="fault/stuck/recover/fail: wait this long before each fault")
     p.add_argument("--detect-ms", type=int, default=200)
     p.add_argument("--pit-ms", type=int, default=0)
     p.add_argument("--boot", choices=BOOT_PROTOCOLS, default="pvh")

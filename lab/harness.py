@@ -80,6 +80,7 @@ class GuestSpec:
     period_ms: int = 10              # netkvm status check period
     kick_ms: int = 5                 # linux: kick period
     start_delay_ms: int = 0          # busy-wait after boot, before touching any device
+    fault_delay_ms: int = 0          # fault/stuck/recover/fail: busy-wait before each fault
     detect_ms: int = 200             # give up waiting for NEEDS_RESET after this long
     pit_ms: int = 0                  # also measure the TSC against the PIT (cross-check)
     qmp: bool = False                # expose a QMP unix socket (vm.qmp_path)
@@ -106,7 +107,7 @@ class GuestSpec:
         if self.fault_dev is not None and not 0 <= self.fault_dev < self.devices:
             bad(f"fault_dev {self.fault_dev} out of range for {self.devices} device(s)")
         for name in ("repeat", "delay_ms", "hold_ms", "reads", "writes", "period_ms", "kick_ms",
-                     "start_delay_ms", "detect_ms", "pit_ms", "memory_mb"):
+                     "start_delay_ms", "fault_delay_ms", "detect_ms", "pit_ms", "memory_mb"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0 or v >= 2**31:
                 bad(f"{name} must be a non-negative int, got {v!r}")
@@ -129,6 +130,7 @@ class GuestSpec:
             "fault_dev": "all" if self.fault_dev is None else self.fault_dev,
             "reads": self.reads, "writes": self.writes, "period_ms": self.period_ms,
             "kick_ms": self.kick_ms, "start_delay_ms": self.start_delay_ms,
+            "fault_delay_ms": self.fault_delay_ms,
             "detect_ms": self.detect_ms, "pit_ms": self.pit_ms,
         }
         return " ".join(f"{k}={v}" for k, v in parts.items())

@@ -500,11 +500,19 @@ class Correlator:
         if reg == Register.STATUS:
             self._status(vm, dev, ev, out)
         elif reg == Register.ISR and ev.op == Op.READ:
-            if ev.repeats and dev.last_isr & ISR_CONFIG:
+            # virtio-mmio: the InterruptACK write that follows says the same, and capture
+            # forwards every write while it folds identical reads (they would be missed)
+            by_read = dev.transport != Transport.MMIO
+            if by_read and ev.repeats and dev.last_isr & ISR_CONFIG:
                 # capture folded identical reads of a config-change ISR: each was one more
                 # config interrupt (their times are unknown)
                 dev.config_interrupts_total += ev.repeats
             dev.last_isr = ev.value
+            if ev.value & ISR_QUEUE:
+                vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
+            if by_read and ev.value & ISR_CONFIG:
+                self._isr_config(vm, dev, ev.ts_ns, out)
+        elif reg == Register.INTERRUPT_ACK and ev.op == Op.WRITE:
             if ev.value & ISR_QUEUE:
                 vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
             if ev.value & ISR_CONFIG:
@@ -513,7 +521,7 @@ class Correlator:
             dev.msix_config = ev.value
         elif reg == Register.CONFIG_GENERATION and ev.op == Op.READ:
             self._generation(vm, dev, ev, out)
-        # config_generation and InterruptACK: watched for completeness, no state
+        # config_generation: watched for completeness, no state
 
     def _status(self, vm: VmState, dev: DeviceState, ev: RegisterAccess, out: list[Output]) -> None:
         value = ev.value & 0xFF
@@ -540,17 +548,16 @@ class Correlator:
         start, evidence = ts, Evidence.STATUS_READ
         irq = dev.recent_config_irq(ts, window)
         if irq is None and not dev.config_irq_known and not dev.no_config_vector:
-            # the APIC vector accepted right before the first 0x40 read is the config vector
-            for t, vector in reversed(vm.recent_apic):
-                if t < ts - window:
-                    break
-                if t <= ts and vector not in vm.vectors:
-                    self._learn_vector(vm, dev, vector, out)
-                    status_then, dev.status = dev.status, prev_status
-                    self._config_irq(vm, dev, t, out)
-                    dev.status = status_then
-                    irq = t
-                    break
+            # the delivery right before the first 0x40 read is the config vector's (an MSI alone
+            # is not enough: split-irqchip VMMs inject MSIs that are never delivered)
+            found = self._unknown_vector_before(vm, ts, deliveries_only=True)
+            if found is not None:
+                t, vector = found
+                self._learn_vector(vm, dev, vector, out)
+                status_then, dev.status = dev.status, prev_status
+                self._config_irq(vm, dev, t, out)
+                dev.status = status_then
+                irq = t
         elif irq is not None and dev.config_vector is not None and not dev.vector_trusted:
             dev.vector_sightings += 1
             dev.vector_trusted = dev.vector_sightings >= 2
@@ -636,7 +643,14 @@ class Correlator:
 
     def _isr_config(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
         """ISR / InterruptStatus read with the configuration-change bit: an INTx config interrupt,
-        raised at the latest line rise (of the device's GSI, once known) within the window."""
+        raised at the latest line rise (of the device's GSI, once known) within the window.
+        Under a split irqchip the line reaches the CPU as an MSI on the pin's vector: if that
+        delivery was already attributed to the device, this read (or ACK) is the same interrupt."""
+        last = dev.last_config_irq_ns
+        if (last is not None and ts - self.config.notify_window_ns <= last <= ts
+                and dev.config_irq_acked_ns != last and dev.config_vector is not None):
+            dev.config_irq_acked_ns = last
+            return
         at = ts
         for t, gsi in reversed(vm.recent_irq):
             if t < ts - self.config.notify_window_ns:
@@ -691,25 +705,34 @@ class Correlator:
         window = self.config.notify_window_ns
         if dev.recent_config_irq(ev.ts_ns, window) is not None:
             return
-        latest = None
-        # a vector that keeps firing (3 times or more among the recent MSIs: capture forwards one
-        # per vector per interval) is a queue vector; a config vector fires on config changes only
-        # (twice is allowed: split-irqchip VMMs inject a spurious MSI when the guest programs
-        # the IOAPIC entry of a virtio-mmio line)
-        seen = Counter(vector for _, vector in vm.recent_msi)
-        for ring in (vm.recent_msi, vm.recent_apic):
-            for t, vector in reversed(ring):
-                if t < ev.ts_ns - window:
-                    break
-                if t <= ev.ts_ns and vector not in vm.vectors and seen[vector] <= 2:
-                    if latest is None or t > latest[0]:
-                        latest = (t, vector)
-                    break
+        latest = self._unknown_vector_before(vm, ev.ts_ns)
         if latest is None:
             return
         self._stats["vectors_learned_from_generation"] += 1
         self._learn_vector(vm, dev, latest[1], out)
         self._config_irq(vm, dev, latest[0], out)
+
+    def _unknown_vector_before(self, vm: VmState, ts: int,
+                               deliveries_only: bool = False) -> Optional[tuple[int, int]]:
+        """(time, vector) of the latest interrupt within the notify window up to ts on a vector
+        no device owns: a config vector candidate. Capture forwards APIC deliveries of watched
+        vectors, and of an unwatched one right after its MSI was forwarded by activity
+        discovery (one per vector per interval). A vector
+        that keeps firing (3 times or more among the recent MSIs) is a queue vector; a config
+        vector fires on config changes only (twice is allowed: split-irqchip VMMs inject a
+        spurious MSI when the guest programs the IOAPIC entry of a virtio-mmio line)."""
+        window = self.config.notify_window_ns
+        seen = Counter(vector for _, vector in vm.recent_msi)
+        latest = None
+        for ring in (vm.recent_apic,) if deliveries_only else (vm.recent_msi, vm.recent_apic):
+            for t, vector in reversed(ring):
+                if t < ts - window:
+                    break
+                if t <= ts and vector not in vm.vectors and seen[vector] <= 2:
+                    if latest is None or t > latest[0]:
+                        latest = (t, vector)
+                    break
+        return latest
 
     def _kick_device(self, vm: VmState, addr: int) -> Optional[DeviceState]:
         if addr in vm.notify:

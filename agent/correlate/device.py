@@ -60,6 +60,7 @@ class DeviceState:
     gsi: Optional[int] = None             # INTx GSI, once learned
     msix_config: Optional[int] = None     # last msix_config / legacy config vector written
     last_config_irq_ns: Optional[int] = None
+    config_irq_acked_ns: Optional[int] = None  # the delivered config irq an ISR read / ACK confirmed
     last_isr: int = 0                     # last ISR / InterruptStatus value read
     last_episode_end_ns: int = -1
     open_episode: Optional[Episode] = None

@@ -193,6 +193,7 @@ void guest_main(u32 magic, u32 info)
 	u32 repeat = param_u32("repeat", 1);
 	u32 delay = param_u32("delay_ms", 0);
 	u32 hold = param_u32("hold_ms", 0);
+	u32 fault_delay = param_u32("fault_delay_ms", 0);
 	const char *fsel = param_str("fault_dev", "all");
 	int fault_sel = streq(fsel, "all") ? -1 : (int)param_u32("fault_dev", 0);
 	detect_ms = param_u32("detect_ms", 200);
@@ -236,6 +237,8 @@ void guest_main(u32 magic, u32 info)
 	if (streq(scenario, "init")) {
 		/* nothing more */
 	} else if (streq(scenario, "fault") || streq(scenario, "stuck")) {
+		if (fault_delay)
+			delay_ms(fault_delay);
 		for (int i = 0; i < ndevs; i++)
 			if (selected(i, fault_sel))
 				fault_dev(&devs[i], 0);
@@ -248,6 +251,9 @@ void guest_main(u32 magic, u32 info)
 	} else if (streq(scenario, "recover") || streq(scenario, "fail")) {
 		int fail = streq(scenario, "fail");
 		for (u32 ep = 0; ep < repeat; ep++) {
+			/* a running guest: time between bring-up (or recovery) and the next fault */
+			if (fault_delay)
+				delay_ms(fault_delay);
 			for (int i = 0; i < ndevs; i++)
 				if (selected(i, fault_sel))
 					fault_dev(&devs[i], (short)ep);

@@ -71,9 +71,11 @@ def test_bad_specs_are_rejected_with_the_field_named(kwargs: dict, needle: str) 
 
 
 def test_cmdline_carries_every_scenario_parameter() -> None:
-    spec = GuestSpec(transport="mmio", scenario="recover", delay_ms=7, repeat=3, fault_dev=0)
+    spec = GuestSpec(transport="mmio", scenario="recover", delay_ms=7, repeat=3, fault_dev=0,
+                     fault_delay_ms=40)
     kv = dict(tok.split("=", 1) for tok in spec.cmdline().split())
     assert kv["scenario"] == "recover" and kv["transport"] == "mmio"
+    assert kv["fault_delay_ms"] == "40"
     assert kv["delay_ms"] == "7" and kv["repeat"] == "3" and kv["fault_dev"] == "0"
     assert kv["irq"] == "intx"  # virtio-mmio has no MSI-X
 

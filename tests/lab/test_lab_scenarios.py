@@ -111,6 +111,14 @@ def test_repeat_and_delay(kvm: None) -> None:
     assert len(_errors(r)) == 3
 
 
+def test_fault_delay_spaces_the_faults(kvm: None) -> None:
+    r = run(GuestSpec(transport="mmio", scenario="recover", repeat=2, fault_delay_ms=30))
+    first, second = r.episodes
+    assert first.fault_ns is not None and second.fault_ns is not None
+    assert second.fault_ns - first.driver_ok_ns >= 30_000_000
+    assert len(_errors(r)) == 2
+
+
 @pytest.mark.parametrize("transport", ["modern", "mmio"])
 def test_one_of_three_devices_faults(kvm: None, transport: str) -> None:
     r = run(GuestSpec(transport=transport, scenario="recover", devices=3, fault_dev=1))

@@ -467,3 +467,87 @@ def test_a_status_like_byte_off_the_common_cfg_position_is_not_picked_up():
     c, out = run(s.events)
     [view] = c.snapshot(s.t).devices
     assert view.device == "mmio-0xfebf3000" and view.needs_reset_total == 1
+
+
+def test_an_msi_never_delivered_is_not_taken_for_the_config_interrupt():
+    """Split-irqchip QEMU injects an MSI when a microvm guest programs its IOAPIC; it is never
+    delivered (no ApicAccepted). A virtio-mmio device's first 0x40 read soon after must not
+    make it the device's config vector or the episode's start."""
+    s = Script()
+    vm = s.vm(9, "vm")
+    dev = vm.device(Transport.MMIO, 0xFEB00200)
+    dev.init()
+    spurious = E.MsiInjected(s.step(), 9, 7, 0xFEE00000, 0x40)
+    s.emit(spurious)
+    truth = dev.needs_reset()
+    dev.recover()
+    c, out = run(s.events)
+    (ep,) = ended(out)
+    assert (ep.evidence, ep.start_ns) == (Evidence.STATUS_READ, truth.guest_saw_ns)
+    assert not [o for o in out if isinstance(o, WatchInterrupt)]
+
+
+def test_config_vector_learnt_from_the_delivery_before_the_first_0x40_read():
+    """The first config interrupt of a device arrives as MSI + delivery (capture forwards the
+    delivery that follows a discovered MSI); it is the config vector, watched from then on."""
+    s = Script()
+    dev = s.vm(9, "vm").device(Transport.PCI_MODERN, vector=0x41)
+    dev.init()
+    truths = [dev.needs_reset()]
+    dev.recover()
+    truths.append(dev.needs_reset())
+    dev.recover()
+    c, out = run(s.events)
+    eps = ended(out)
+    assert [e.evidence for e in eps] == [Evidence.CONFIG_INTERRUPT] * 2
+    assert [e.start_ns for e in eps] == [t.start_ns for t in truths]
+    assert WatchInterrupt(9, vector=0x41) in out
+    (view,) = c.snapshot(s.t).devices
+    assert view.config_interrupts_total == 2
+    assert not violations(out)
+
+
+def test_mmio_config_interrupts_counted_by_interrupt_ack_writes_not_folded_reads():
+    """virtio-mmio: capture folds identical InterruptStatus reads (forwarding one per interval,
+    the rest as `repeats`) but forwards every InterruptACK write: one config interrupt per ACK."""
+    s = Script()
+    dev = s.vm(9, "vm").device(Transport.MMIO, 0xFEB00200, gsi=5)
+    dev.init()
+    truths = []
+    for _ in range(3):
+        truths.append(dev.needs_reset())
+        dev.recover()
+    isr_reads = [e for e in s.events if isinstance(e, E.RegisterAccess)
+                 and e.addr == dev.isr_addr and e.op == E.Op.READ]
+    assert len(isr_reads) == 3
+    folded = set(map(id, isr_reads[1:]))
+    events = [e for e in s.events if id(e) not in folded]
+    c, out = run(events, CorrelatorConfig(hints=(dev.hint(),)))
+    eps = ended(out)
+    assert [e.evidence for e in eps] == [Evidence.CONFIG_INTERRUPT] * 3
+    assert [e.start_ns for e in eps] == [t.start_ns for t in truths]
+    (view,) = c.snapshot(s.t).devices
+    assert view.config_interrupts_total == 3
+    assert not violations(out)
+
+
+def test_split_irqchip_mmio_interrupt_counted_once_by_delivery_and_ack():
+    """microvm (split irqchip): a virtio-mmio line reaches the CPU as an MSI on the IOAPIC pin's
+    vector. The delivery opens the episode; the driver's InterruptStatus read and ACK that
+    follow are the same interrupt, not a second one."""
+    s = Script()
+    dev = s.vm(9, "vm").device(Transport.MMIO, 0xFEB00200, vector=0x40)
+    dev.init()
+    truths = []
+    for _ in range(2):
+        truths.append(dev.needs_reset())
+        dev.access(E.Op.READ, 0x3, addr=dev.isr_addr)
+        dev.access(E.Op.WRITE, 0x3, addr=dev.base + 0x64)
+        dev.recover()
+    c, out = run(s.events)
+    eps = ended(out)
+    assert [(e.evidence, e.start_ns) for e in eps] == [
+        (Evidence.CONFIG_INTERRUPT, t.start_ns) for t in truths]
+    (view,) = c.snapshot(s.t).devices
+    assert view.config_interrupts_total == 2
+    assert not violations(out)

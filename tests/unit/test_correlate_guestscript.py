@@ -156,6 +156,8 @@ class Dev:
         elif self.gsi is not None:
             self.s.emit(E.IrqLine(ts, self.vm.pid, 7, self.gsi, 1))
             self.access(E.Op.READ, 0x2, addr=self.isr_addr)
+            if self.transport == Transport.MMIO:     # a driver acknowledges what it read
+                self.access(E.Op.WRITE, 0x2, addr=self.base + 0x64)
         return ts
 
     def needs_reset(self, notify: bool = True, react_gap: int | None = None) -> Truth:
