@@ -715,12 +715,12 @@ class Correlator:
     def _unknown_vector_before(self, vm: VmState, ts: int,
                                deliveries_only: bool = False) -> Optional[tuple[int, int]]:
         """(time, vector) of the latest interrupt within the notify window up to ts on a vector
-        no device owns: a config vector candidate. Capture forwards APIC deliveries of watched
-        vectors, and of an unwatched one right after its MSI was forwarded by activity
-        discovery (one per vector per interval). A vector
-        that keeps firing (3 times or more among the recent MSIs) is a queue vector; a config
-        vector fires on config changes only (twice is allowed: split-irqchip VMMs inject a
-        spurious MSI when the guest programs the IOAPIC entry of a virtio-mmio line)."""
+        no device owns: a config vector candidate (`deliveries_only`: ApicAccepted only).
+        Capture forwards APIC deliveries of watched vectors, and of an unwatched one right after
+        its MSI was forwarded by activity discovery (one per vector per interval). A vector that
+        keeps firing (3 times or more among the recent MSIs) is a queue vector; a config vector
+        fires on config changes only (twice is allowed: split-irqchip VMMs inject a spurious MSI
+        when the guest programs the IOAPIC entry of a virtio-mmio line)."""
         window = self.config.notify_window_ns
         seen = Counter(vector for _, vector in vm.recent_msi)
         latest = None
