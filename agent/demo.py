@@ -242,10 +242,14 @@ def demo_specs():
     def named(name: str, **kw):
         return name, GuestSpec(extra_args=("-name", name), **kw)
 
+    # fault_delay_ms: a running guest does not fault again within milliseconds of recovering;
+    # it gives the agent time to watch the config vector it learnt (docs/correlation.md)
     recover = [
-        named("demo-modern-fast", transport="modern", scenario="recover", repeat=3, delay_ms=1),
+        named("demo-modern-fast", transport="modern", scenario="recover", repeat=3, delay_ms=1,
+              fault_delay_ms=250),
         named("demo-modern-slow", transport="modern", scenario="recover", devices=2, delay_ms=30),
-        named("demo-mmio", transport="mmio", scenario="recover", repeat=2, delay_ms=8),
+        named("demo-mmio", transport="mmio", scenario="recover", repeat=2, delay_ms=8,
+              fault_delay_ms=250),
         named("demo-modern-intx", transport="modern", scenario="recover", irq="intx",
               delay_ms=3),
     ]
