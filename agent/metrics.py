@@ -55,18 +55,20 @@ def bounded_transport(value: str) -> str:
     return value if value in TRANSPORTS else Transport.UNKNOWN
 
 
-class _Histogram:
-    """Cumulative histogram with the fixed BUCKETS (no prometheus_client registry involved)."""
+class FixedHistogram:
+    """Cumulative histogram with fixed bounds, BUCKETS by default (no prometheus_client
+    registry involved)."""
 
-    __slots__ = ("counts", "count", "sum")
+    __slots__ = ("bounds", "counts", "count", "sum")
 
-    def __init__(self) -> None:
-        self.counts = [0] * len(BUCKETS)   # non-cumulative per-bucket counts
+    def __init__(self, bounds: tuple[float, ...] = BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)    # non-cumulative per-bucket counts
         self.count = 0
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        for i, bound in enumerate(BUCKETS):
+        for i, bound in enumerate(self.bounds):
             if value <= bound:
                 self.counts[i] += 1
                 break
@@ -76,7 +78,7 @@ class _Histogram:
     def buckets(self) -> list[tuple[str, float]]:
         out: list[tuple[str, float]] = []
         running = 0
-        for bound, n in zip(BUCKETS, self.counts):
+        for bound, n in zip(self.bounds, self.counts):
             running += n
             out.append((_le(bound), running))
         out.append(("+Inf", self.count))
@@ -95,8 +97,8 @@ class EpisodeHistograms:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._recovery: dict[tuple[str, str], _Histogram] = {}
-        self._phase: dict[str, _Histogram] = {p: _Histogram() for p in PHASES}
+        self._recovery: dict[tuple[str, str], FixedHistogram] = {}
+        self._phase: dict[str, FixedHistogram] = {p: FixedHistogram() for p in PHASES}
 
     def observe(self, output: object) -> None:
         if not isinstance(output, EpisodeEnded):
@@ -109,7 +111,7 @@ class EpisodeHistograms:
         with self._lock:
             if recovery is not None and recovery >= 0:
                 key = (bounded_type(ep.type), bounded_transport(ep.transport))
-                self._recovery.setdefault(key, _Histogram()).observe(recovery)
+                self._recovery.setdefault(key, FixedHistogram()).observe(recovery)
             for name, seconds in phases.items():
                 if seconds >= 0:
                     self._phase[name].observe(seconds)

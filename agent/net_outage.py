@@ -31,6 +31,7 @@ from prometheus_client.core import (
     CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
 )
 
+from agent.metrics import FixedHistogram
 from agent.model import Episode, Snapshot
 from agent.netbackend import OutageImpact, OutageMeter, TapBackend, TapMap
 
@@ -236,9 +237,7 @@ class NetOutageTracker:
         # (vm name, namespace, device) -> ifname -> counts; (vm key, device) -> ifname
         self._series: dict[tuple[str, str, str], dict[str, _Counts]] = {}
         self._ifnames: dict[tuple[tuple[int, int], str], str] = {}
-        self._hist = [0] * len(DROPPED_BUCKETS)
-        self._hist_count = 0
-        self._hist_sum = 0
+        self._hist = FixedHistogram(DROPPED_BUCKETS)
         self.unmeasured = collections.Counter({r: 0 for r in UNMEASURED_REASONS})
         self._meter_base = self._meter_counts()
 
@@ -383,12 +382,7 @@ class NetOutageTracker:
                     c.packets += packets
                     c.bytes += nbytes
                 interfaces.append(impact_record(imp))
-            for i, bound in enumerate(DROPPED_BUCKETS):
-                if dropped_total <= bound:
-                    self._hist[i] += 1
-                    break
-            self._hist_count += 1
-            self._hist_sum += dropped_total
+            self._hist.observe(dropped_total)
         return {"measured": True, "attribution": attr.how, "dropped_packets": dropped_total,
                 "interfaces": interfaces}
 
@@ -430,12 +424,7 @@ class NetOutageTracker:
                     dropped.add_metric(lv, c.dropped)
                     packets.add_metric(lv, c.packets)
                     nbytes.add_metric(lv, c.bytes)
-            running, buckets = 0, []
-            for bound, n in zip(DROPPED_BUCKETS, self._hist):
-                running += n
-                buckets.append((repr(float(bound)), running))
-            buckets.append(("+Inf", self._hist_count))
-            hist.add_metric([], buckets, self._hist_sum)
+            hist.add_metric([], self._hist.buckets(), self._hist.sum)
             for reason in UNMEASURED_REASONS:
                 unmeasured.add_metric([reason], self.unmeasured[reason])
             open_.add_metric([], len(self._metering))
