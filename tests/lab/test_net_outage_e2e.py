@@ -30,6 +30,9 @@ pytestmark = pytest.mark.kvm
 
 TAP = "vraout0"
 GUEST_MAC = "52:54:00:12:34:66"
+TAP_NIC_ARGS = ("-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
+                "-device", f"virtio-net-pci,id=net0,netdev=n0,romfile=,disable-legacy=on,"
+                           f"mac={GUEST_MAC}")
 ETHERTYPE_EXPERIMENTAL = b"\x88\xb5"      # IEEE 802 local experimental ethertype
 SO_SNDBUFFORCE = 32
 SYSFS_FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_errors",
@@ -90,6 +93,31 @@ def frame(size: int = 200, dst: str = GUEST_MAC) -> bytes:
             + ETHERTYPE_EXPERIMENTAL + b"\x5a" * (size - 14))
 
 
+def qemu_in_netns(ns: str, tmp_path, monkeypatch) -> None:
+    """The lab starts QEMU inside namespace `ns`: `ip netns exec` execs it, so the pid stays
+    QEMU's."""
+    wrapper = tmp_path / "qemu-in-netns"
+    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("VRA_QEMU", str(wrapper))
+
+
+def link_up_and_fault(vm, ns_path: str) -> None:
+    """Set the tap up, wait until the guest's devices are at DRIVER_OK (it faults them right
+    after printing their lines), and send the one frame that makes QEMU pop the broken RX ring."""
+    from pyroute2 import netns as pr_netns
+
+    from agent.netbackend import open_iproute
+
+    with open_iproute(ns_path) as ipr:
+        ipr.link("set", index=ipr.link_lookup(ifname=TAP)[0], state="up")
+    wait_until("the guest's device lines",
+               lambda: "VRA dev idx=1" in vm.serial_text(), timeout_s=20)
+    with pr_netns.create_socket(ns_path, socket.AF_PACKET, socket.SOCK_RAW, 0, flags=0) as sock:
+        sock.bind((TAP, 0))
+        sock.send(frame())                    # the fault
+
+
 def test_agent_reports_the_frames_the_tap_dropped_during_a_virtio_net_outage(
         netns, agent, tmp_path, monkeypatch):
     from pyroute2 import netns as pr_netns
@@ -98,19 +126,12 @@ def test_agent_reports_the_frames_the_tap_dropped_during_a_virtio_net_outage(
     from lab.harness import GuestSpec, LabVM
 
     ns, ns_path = netns
-    # QEMU inside the namespace: `ip netns exec` execs it, so the pid stays QEMU's
-    wrapper = tmp_path / "qemu-in-netns"
-    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 "$@"\n')
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("VRA_QEMU", str(wrapper))
+    qemu_in_netns(ns, tmp_path, monkeypatch)
     name = f"net-outage-{uuid.uuid4().hex[:6]}"
     spec = GuestSpec(
         transport="modern", scenario="recover", repeat=2, delay_ms=DELAY_MS, detect_ms=10000,
         start_delay_ms=1000, qmp=True,
-        extra_args=("-name", name,
-                    "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-                    "-device", f"virtio-net-pci,id=net0,netdev=n0,romfile=,"
-                               f"disable-legacy=on,mac={GUEST_MAC}"))
+        extra_args=("-name", name, *TAP_NIC_ARGS))
     with LabVM.start(spec) as vm:
         taps = wait_until("QEMU's tap", lambda: TapMap().taps_of(vm.pid))
         assert [(t.ifname, t.kind) for t in taps] == [(TAP, "tap")]
@@ -199,32 +220,15 @@ def test_device_info_names_the_backend_interface_while_the_vm_runs(netns, agent,
     from lab.harness import GuestSpec, LabVM
 
     ns, ns_path = netns
-    wrapper = tmp_path / "qemu-in-netns"
-    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 "$@"\n')
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("VRA_QEMU", str(wrapper))
+    qemu_in_netns(ns, tmp_path, monkeypatch)
     name = f"net-info-{uuid.uuid4().hex[:6]}"
     spec = GuestSpec(
         transport="modern", scenario="stuck", hold_ms=8000, detect_ms=10000, qmp=True,
-        extra_args=("-name", name,
-                    "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-                    "-device", f"virtio-net-pci,id=net0,netdev=n0,romfile=,"
-                               f"disable-legacy=on,mac={GUEST_MAC}"))
-    from pyroute2 import netns as pr_netns
-
-    from agent.netbackend import open_iproute
-
+        extra_args=("-name", name, *TAP_NIC_ARGS))
     with LabVM.start(spec) as vm:
         wait_until("the tap", lambda: os.path.exists(f"/proc/{vm.pid}") and subprocess.run(
             ["ip", "netns", "exec", ns, "test", "-e", f"/sys/class/net/{TAP}"]).returncode == 0)
-        with open_iproute(ns_path) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname=TAP)[0], state="up")
-        wait_until("the guest's device lines",
-                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout_s=20)
-        with pr_netns.create_socket(ns_path, socket.AF_PACKET, socket.SOCK_RAW, 0,
-                                    flags=0) as sock:
-            sock.bind((TAP, 0))
-            sock.send(frame())                    # the fault
+        link_up_and_fault(vm, ns_path)
         info = wait_until("virtio_device_info with the tap", lambda: samples(
             agent.metrics_text(), "virtio_device_info", vm=name, ifname=TAP), timeout_s=10)
         # one ifname per device: only the net device has one, the rng's is empty
@@ -241,34 +245,17 @@ def test_without_qmp_an_ambiguous_device_is_counted_not_guessed(netns, agent, tm
     from lab.harness import GuestSpec, LabVM
 
     ns, ns_path = netns
-    wrapper = tmp_path / "qemu-in-netns"
-    wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {ns} qemu-system-x86_64 "$@"\n')
-    wrapper.chmod(0o755)
-    monkeypatch.setenv("VRA_QEMU", str(wrapper))
+    qemu_in_netns(ns, tmp_path, monkeypatch)
     name = f"net-noqmp-{uuid.uuid4().hex[:6]}"
     spec = GuestSpec(
         transport="modern", scenario="recover", delay_ms=300, detect_ms=10000,
-        extra_args=("-name", name,
-                    "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no",
-                    "-device", f"virtio-net-pci,id=net0,netdev=n0,romfile=,"
-                               f"disable-legacy=on,mac={GUEST_MAC}"))
-    from pyroute2 import netns as pr_netns
-
-    from agent.netbackend import open_iproute
-
+        extra_args=("-name", name, *TAP_NIC_ARGS))
     before = samples(agent.metrics_text(), "virtio_agent_net_outage_unmeasured_total",
                      reason="unmatched")[0][1]
     with LabVM.start(spec) as vm:
         wait_until("the tap", lambda: subprocess.run(
             ["ip", "netns", "exec", ns, "test", "-e", f"/sys/class/net/{TAP}"]).returncode == 0)
-        with open_iproute(ns_path) as ipr:
-            ipr.link("set", index=ipr.link_lookup(ifname=TAP)[0], state="up")
-        wait_until("the guest's device lines",
-                   lambda: "VRA dev idx=1" in vm.serial_text(), timeout_s=20)
-        with pr_netns.create_socket(ns_path, socket.AF_PACKET, socket.SOCK_RAW, 0,
-                                    flags=0) as sock:
-            sock.bind((TAP, 0))
-            sock.send(frame())                    # the fault
+        link_up_and_fault(vm, ns_path)
         vm.wait(30).raise_for_error()
     records = wait_until("both episodes logged", lambda: len(
         [r for r in agent.records() if r["vm"] == name]) == 2 and
