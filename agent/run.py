@@ -35,7 +35,7 @@ DEFAULTS = {
     "listen": ":9477",
     "stuck_after": "60",
     "log_format": "json",
-    "hooks": "all",
+    "hooks": "auto",
     "max_vms": "256",
     "max_devices": "4096",
     "tls_cert": "",
@@ -114,14 +114,14 @@ def known_hooks() -> dict[str, Any]:
 def _hooks(text: str) -> str:
     names = [n.strip() for n in text.split(",") if n.strip()]
     if not names:
-        raise argparse.ArgumentTypeError("empty hook list (use `all`)")
-    if names == ["all"]:
-        return "all"
+        raise argparse.ArgumentTypeError("empty hook list (use `auto` or `all`)")
+    if names in (["all"], ["auto"]):
+        return names[0]
     unknown = sorted(set(names) - set(known_hooks()))
     if unknown:
         raise argparse.ArgumentTypeError(
             f"unknown hook famil{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
-            f"known: all, {', '.join(known_hooks())}")
+            f"known: auto, all, {', '.join(known_hooks())}")
     if not {"mmio", "pio"} & set(names):
         raise argparse.ArgumentTypeError(
             "the list needs mmio or pio (or both): status registers are seen through them")
@@ -141,7 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "json|text")
     opt("--log-level", "log_level", _choice("debug", "info", "warning", "error"),
         "diagnostic log level", "LEVEL")
-    opt("--hooks", "hooks", _hooks, "comma-separated hook families to enable, or `all`", "LIST")
+    opt("--hooks", "hooks", _hooks,
+        "comma-separated hook families to enable, `all`, or `auto` (all but the syscall "
+        "`ioctl` hooks, which are attached only where vDPA exists: they cost every ioctl on "
+        "the host; decided at start)", "LIST")
     opt("--max-vms", "max_vms", _positive_int, "VMs tracked at most", "N")
     opt("--max-devices", "max_devices", _positive_int, "devices tracked at most (all VMs)", "N")
     opt("--tls-cert", "tls_cert", str, "serve /metrics over HTTPS with this PEM certificate",
@@ -442,7 +445,6 @@ class Agent:
             for side in (self.confirmer, self.pci_typer):
                 if side is not None:
                     side.forget_pid(pid)
-        if isinstance(ev, ProcessExit):
             self._seen.pop(pid, None)
 
     def _confirmations(self) -> None:
@@ -516,7 +518,18 @@ def self_stats_from_capture(capture) -> SelfStats:
 # --- main ----------------------------------------------------------------------------------------
 
 def enabled_hooks(spec: str) -> Optional[set[str]]:
-    return None if spec == "all" else set(spec.split(","))
+    """The families to enable for --hooks (None: all)."""
+    if spec == "all":
+        return None
+    if spec == "auto":
+        from agent.capture.hooks import auto_families
+
+        names, left_off = auto_families()
+        for name in left_off:
+            log.info("hook %s left off: no vDPA on this host (--hooks auto; restart the agent "
+                     "after adding vDPA devices, or use --hooks all)", name)
+        return names
+    return set(spec.split(","))
 
 
 def core_hooks(enabled: Optional[set[str]]) -> list[str]:

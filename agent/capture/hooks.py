@@ -53,6 +53,35 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
 )}
 
 
+# Families `--hooks auto` attaches only where vDPA exists. The syscall ioctl tracepoints fire on
+# every ioctl of every process on the host, KVM_RUN of each userspace exit included (~130 ns
+# of BPF plus the slow syscall path per exit, docs/benchmarks.md); without vDPA they only
+# count KVM irq ioctls.
+ONLY_WITH_VDPA = ("ioctl",)
+
+
+def vdpa_present(sys_root: str = "/sys", dev_root: str = "/dev") -> bool:
+    """The vhost_vdpa module is loaded, or a vDPA bus device or vhost-vdpa node exists."""
+    if os.path.isdir(os.path.join(sys_root, "module", "vhost_vdpa")):
+        return True
+    try:
+        if os.listdir(os.path.join(sys_root, "bus", "vdpa", "devices")):
+            return True
+    except OSError:
+        pass
+    try:
+        return any(n.startswith("vhost-vdpa-") for n in os.listdir(dev_root))
+    except OSError:
+        return False
+
+
+def auto_families(sys_root: str = "/sys", dev_root: str = "/dev") -> tuple[set[str], list[str]]:
+    """`--hooks auto`: (families to enable, families left off because this host has no vDPA)."""
+    if vdpa_present(sys_root, dev_root):
+        return set(FAMILIES), []
+    return set(FAMILIES) - set(ONLY_WITH_VDPA), sorted(ONLY_WITH_VDPA)
+
+
 def tracefs() -> str | None:
     for root in TRACEFS_ROOTS:
         if os.path.isdir(os.path.join(root, "events")):

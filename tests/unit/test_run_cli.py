@@ -35,7 +35,7 @@ def parser():
 def test_defaults(monkeypatch):
     a = parse([], monkeypatch=monkeypatch)
     assert (a.listen, a.stuck_after, a.log_format, a.hooks, a.max_vms, a.max_devices) == \
-        (":9477", 60.0, "json", "all", 256, 4096)
+        (":9477", 60.0, "json", "auto", 256, 4096)
     assert a.tls_cert == "" and a.tls_key == ""
 
 
@@ -78,6 +78,30 @@ def test_help_names_every_env_var(capsys):
     out = capsys.readouterr().out
     for var in run.ENV.values():
         assert var in out
+
+
+def test_auto_leaves_the_ioctl_hooks_off_without_vdpa(monkeypatch, tmp_path):
+    from agent.capture import hooks
+
+    sys_root, dev_root = tmp_path / "sys", tmp_path / "dev"
+    (sys_root / "module" / "kvm").mkdir(parents=True)
+    dev_root.mkdir()
+    (dev_root / "vhost-net").touch()           # vhost-net alone has no status to report
+    names, left_off = hooks.auto_families(str(sys_root), str(dev_root))
+    assert left_off == ["ioctl"] and names == set(hooks.FAMILIES) - {"ioctl"}
+
+    for vdpa in (sys_root / "module" / "vhost_vdpa", sys_root / "bus" / "vdpa" / "devices" / "vdpa0",
+                 dev_root / "vhost-vdpa-0"):
+        vdpa.mkdir(parents=True)
+        assert hooks.auto_families(str(sys_root), str(dev_root)) == (set(hooks.FAMILIES), [])
+        vdpa.rmdir()
+    assert hooks.vdpa_present(str(sys_root), str(dev_root)) is False
+
+    monkeypatch.setattr(hooks, "auto_families", lambda: (set(hooks.FAMILIES) - {"ioctl"}, ["ioctl"]))
+    assert run.enabled_hooks("auto") == set(hooks.FAMILIES) - {"ioctl"}
+    assert run.enabled_hooks("all") is None
+    assert run.enabled_hooks("mmio,ioctl") == {"mmio", "ioctl"}
+    assert run.core_hooks(run.enabled_hooks("auto")) == run.core_hooks(None)
 
 
 def test_core_hooks_follow_enabled_families():
