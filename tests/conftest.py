@@ -65,3 +65,31 @@ def kvm() -> None:
 @pytest.fixture
 def bpf() -> None:
     require_bpf()
+
+
+@pytest.fixture
+def netadmin() -> None:
+    """Root (network namespaces, taps) and KVM."""
+    require_kvm()
+    if os.geteuid() != 0:
+        _missing("network namespace tests need root")
+
+
+@pytest.fixture
+def netns(netadmin):
+    """A fresh network namespace (name, path) with IPv6 off, so the kernel sends no frames of
+    its own on the interfaces (no router solicitations, no MLD reports)."""
+    import subprocess
+    import uuid
+
+    from pyroute2 import netns as pr_netns
+
+    name = f"vra-test-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    pr_netns.create(name)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
+                        "net.ipv6.conf.all.disable_ipv6=1",
+                        "net.ipv6.conf.default.disable_ipv6=1"], check=True)
+        yield name, f"/var/run/netns/{name}"
+    finally:
+        pr_netns.remove(name)

@@ -41,22 +41,6 @@ DELAY_MS = 2000
 
 
 @pytest.fixture
-def netns(bpf, kvm):
-    from pyroute2 import netns as pr_netns
-
-    name = f"vra-out-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    pr_netns.create(name)
-    try:
-        # IPv6 off: the kernel sends no frames of its own on the tap
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
-                        "net.ipv6.conf.all.disable_ipv6=1",
-                        "net.ipv6.conf.default.disable_ipv6=1"], check=True)
-        yield name, f"/var/run/netns/{name}"
-    finally:
-        pr_netns.remove(name)
-
-
-@pytest.fixture
 def agent(bpf, kvm):
     from agent.demo import AgentProcess
 

@@ -29,35 +29,6 @@ SYSFS_FIELDS = ("rx_packets", "rx_bytes", "rx_dropped", "rx_errors",
                 "tx_packets", "tx_bytes", "tx_dropped", "tx_errors")
 
 
-def _strict() -> bool:
-    return os.environ.get("VRA_REQUIRE_KVM", "") not in ("", "0")
-
-
-@pytest.fixture
-def netadmin(kvm):
-    if os.geteuid() != 0:
-        if _strict():
-            pytest.fail("network namespace tests need root and VRA_REQUIRE_KVM=1 forbids skipping")
-        pytest.skip("network namespace tests need root")
-
-
-@pytest.fixture
-def netns(netadmin):
-    """A fresh network namespace (name, path) with IPv6 off, so the kernel sends no frames of
-    its own on the interfaces (no router solicitations, no MLD reports)."""
-    from pyroute2 import netns as pr_netns
-
-    name = f"vra-nb-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    pr_netns.create(name)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-q", "-w",
-                        "net.ipv6.conf.all.disable_ipv6=1",
-                        "net.ipv6.conf.default.disable_ipv6=1"], check=True)
-        yield name, f"/var/run/netns/{name}"
-    finally:
-        pr_netns.remove(name)
-
-
 class Qemu:
     """QEMU in the namespace `ns`; `netdev` is the backend of one virtio-net NIC, or give the
     whole network part of the command line as `net_args`."""
