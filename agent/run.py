@@ -25,8 +25,8 @@ from agent.episode_log import EpisodeLog
 from agent.events import ProcessExit, Register, VmStarted
 from agent.metrics import AgentCollector, EpisodeHistograms, SelfStats
 from agent.model import (
-    EpisodeEnded, EpisodeStuck, NeedsResetSuspected, Snapshot, Violation, WatchInterrupt,
-    WatchRegister,
+    EpisodeEnded, EpisodeStuck, NeedsResetSuspected, Snapshot, Violation, VmIdentity,
+    WatchInterrupt, WatchRegister,
 )
 
 log = logging.getLogger("agent.run")
@@ -51,6 +51,7 @@ POLL_MS = 100
 TICK_EVERY_NS = 100_000_000
 STALL_S = 10.0          # /healthz fails if the loop has not come round for this long
 SEEN_PIDS_FACTOR = 4    # remembered VMM pids: max_vms * this (older ones are re-identified)
+SAVE_EVERY_NS = 1_000_000_000   # state file: changes saved at most this often (episode ends at once)
 
 
 def _env_default(name: str) -> str:
@@ -249,6 +250,10 @@ class Agent:
         self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._max_seen = max(1, max_vms) * SEEN_PIDS_FACTOR
         self._last_tick_ns = 0
+        self._to_log: list = []          # EpisodeEnded / EpisodeStuck for the episode log
+        self._last_save_ns = 0
+        self._restored: dict[int, VmIdentity] = {}   # restored VMs not heard from since
+        self._last_restored_check_ns = 0
         self.collector = AgentCollector(
             self.snapshot, self.histograms, self.self_stats, stuck_after_s=stuck_after_s,
             ifname_fn=(lambda vm, device: net_outage.ifname(vm.key, device))
@@ -312,6 +317,8 @@ class Agent:
             if self.pci_typer is not None:
                 for h in self.pci_typer.poll():
                     self.correlator.annotate_device(h.pid, h.space, h.addr, h.type)
+            if self._restored:
+                self._check_restored(now)
             net_starts = self._net_pending(now)
             state = self._state_to_save(now)
             self.counters.loops += 1
@@ -325,7 +332,27 @@ class Agent:
                 log.exception("metering the network impact of %s failed", ep.device)
         if state is not None:
             self._save(state)
+        self._log_episodes()
         return len(events)
+
+    def _log_episodes(self) -> None:
+        """Episode-log lines, after the state that has these episodes ended or stuck is saved
+        (a killed agent's successor does not report them again), with the network impact of
+        ended ones: its end snapshot reads netlink and /proc, so it is taken outside the lock
+        (a scrape never waits)."""
+        with self._lock:
+            lines, self._to_log = self._to_log, []
+        for out in lines:
+            net = None
+            if isinstance(out, EpisodeEnded) and self.net_outage is not None:
+                try:
+                    net = self.net_outage.end(out.episode)
+                except Exception:
+                    self.counters.output_errors += 1
+                    log.exception("metering the network impact of %s failed",
+                                  out.episode.device)
+            if self.episode_log is not None:
+                self.episode_log.write(out, net=net)
 
     # -- the state file (restarts) -------------------------------------------------------------
 
@@ -349,25 +376,41 @@ class Agent:
                 self.correlator = type(self.correlator)(self.correlator.config)
                 return
             self._apply(outputs)
+            # BPF reports the exit of a VMM it has forwarded events of: until a restored VM's
+            # next event, its liveness is checked from /proc (_check_restored)
+            self._restored = {i.pid: i for i in self.correlator.identities()}
             snap = self.correlator.snapshot(time.monotonic_ns())
             self.restored = {"vms": snap.vms, "devices": len(snap.devices),
                              "episodes": sum(d.open_episode is not None for d in snap.devices)}
+        self._log_episodes()
         gone = sum(isinstance(o, EpisodeEnded) for o in outputs)
         log.info("restored from %s: %d VMs, %d devices, %d open episodes; %d episodes of VMs "
                  "that exited meanwhile ended abandoned", self.state_file.path,
                  self.restored["vms"], self.restored["devices"], self.restored["episodes"], gone)
 
     def _state_to_save(self, now: int) -> Optional[dict]:
-        """The correlator's state when it changed since the last save (tick time only)."""
-        if self.state_file is None or self._last_tick_ns != now:
+        """The correlator's state when it changed: at once when episode-log lines wait (they
+        go out only once it is saved), else at most every SAVE_EVERY_NS."""
+        if self.state_file is None or self.correlator.changes == self._saved_changes:
             return None
-        changes = self.correlator.changes
-        if changes == self._saved_changes:
+        if not self._to_log and now - self._last_save_ns < SAVE_EVERY_NS:
             return None
         from agent.correlate.checkpoint import dump
 
-        self._saved_changes = changes
+        self._saved_changes = self.correlator.changes
+        self._last_save_ns = now
         return dump(self.correlator)
+
+    def _check_restored(self, now: int) -> None:
+        """Restored VMs that exited before sending an event: BPF does not know them yet, so
+        their exit is found in /proc (once a second, until their first event)."""
+        if not self._restored or now - self._last_restored_check_ns < SAVE_EVERY_NS:
+            return
+        self._last_restored_check_ns = now
+        for pid, identity in list(self._restored.items()):
+            if not self.state_file.alive(identity):
+                del self._restored[pid]
+                self._handle(ProcessExit(ts_ns=now, pid=pid))
 
     def _save(self, state: dict) -> None:
         try:
@@ -376,7 +419,7 @@ class Agent:
             with self._lock:
                 self.counters.state_saves["error"] += 1
                 first = self.counters.state_saves["error"] == 1
-                self._saved_changes = -1        # try again at the next tick
+                self._saved_changes = -1        # try again at the next save time
             (log.error if first else log.debug)("saving the state file %s failed: %s",
                                                 self.state_file.path, exc)
             return
@@ -384,20 +427,23 @@ class Agent:
             self.counters.state_saves["ok"] += 1
 
     def save_state(self) -> None:
-        """At shutdown: correlate what is buffered and save, so the next agent goes on from
-        here (a rolling update loses nothing but the events of the gap)."""
-        if self.state_file is None:
-            return
-        from agent.correlate.checkpoint import dump
-
+        """At shutdown: correlate what is buffered, log what ended and save the state, so the
+        next agent goes on from here (a rolling update loses nothing but the events of the
+        gap)."""
         with self._lock:
             try:
                 self._apply(self.correlator.flush())
             except Exception:
                 self.counters.correlation_errors += 1
                 log.exception("correlating the last events failed")
-            state = dump(self.correlator)
-        self._save(state)
+            state = None
+            if self.state_file is not None:
+                from agent.correlate.checkpoint import dump
+
+                state = dump(self.correlator)
+        if state is not None:
+            self._save(state)
+        self._log_episodes()
 
     def _net_pending(self, now: int) -> list:
         """Newly opened episodes whose network impact to meter (at tick time only)."""
@@ -426,6 +472,8 @@ class Agent:
 
     def _handle(self, ev) -> None:
         pid = ev.pid
+        if self._restored:
+            self._restored.pop(pid, None)
         if not isinstance(ev, VmStarted):
             if pid in self._seen:
                 self._seen.move_to_end(pid)
@@ -477,11 +525,7 @@ class Agent:
                     self.capture.watch_interrupt(out)
                 elif isinstance(out, (EpisodeEnded, EpisodeStuck)):
                     self.histograms.observe(out)
-                    net = None
-                    if isinstance(out, EpisodeEnded) and self.net_outage is not None:
-                        net = self.net_outage.end(out.episode)
-                    if self.episode_log is not None:
-                        self.episode_log.write(out, net=net)
+                    self._to_log.append(out)    # after the state is saved, unlocked
                 elif isinstance(out, NeedsResetSuspected):
                     log.warning("NEEDS_RESET suspected for VM %s device %s (kernel evidence: "
                                 "config interrupt, then kicks without completion)",
@@ -691,7 +735,10 @@ def main(args: argparse.Namespace) -> int:
         return 0
     finally:
         if agent is not None:
-            agent.save_state()
+            try:
+                agent.save_state()
+            except Exception:
+                log.exception("saving the state at shutdown failed")
             try:
                 agent.capture.close()
             except Exception:

@@ -18,6 +18,9 @@ from agent.model import VmIdentity
 from agent.vmident import start_time
 
 log = logging.getLogger(__name__)
+# a state far larger than any this agent writes (~1 KiB per device, --max-devices 4096 by
+# default) is not read
+MAX_BYTES = 64 << 20
 
 
 def boot_id(proc_root: str = "/proc") -> str:
@@ -35,8 +38,9 @@ def process_alive(identity: VmIdentity, proc_root: str = "/proc") -> bool:
             stat = f.read()
     except OSError:
         return False
-    if identity.start_time == 0:       # a fallback identity: the pid is all that is known
-        return True
+    if identity.start_time == 0:
+        # a fallback identity: the pid is all that is known, and it may have been reused
+        return False
     try:
         return start_time(stat) == identity.start_time
     except ValueError:
@@ -68,12 +72,18 @@ class StateFile:
 
     def load(self) -> Optional[dict[str, Any]]:
         """The saved state, or None (no file, or one that cannot be used: logged)."""
+        if not self._boot_id:
+            log.warning("ignoring state file %s: this host's boot id is unreadable", self.path)
+            return None
         try:
-            with open(self.path) as f:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > MAX_BYTES:
+                    raise ValueError(f"{size} bytes, more than the {MAX_BYTES} this agent writes")
                 data = json.load(f)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError) as exc:
+        except Exception as exc:     # OSError, ValueError, RecursionError (nesting), ...
             log.warning("ignoring state file %s: %s", self.path, exc)
             return None
         if not isinstance(data, dict) or not isinstance(data.get("state"), dict):
@@ -88,7 +98,8 @@ class StateFile:
         """Write atomically. Raises OSError (the caller counts and logs it)."""
         data = {"boot_id": self._boot_id, "saved_ns": time.monotonic_ns(), "state": state}
         tmp = f"{self.path}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+                     0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, separators=(",", ":"))
         os.replace(tmp, self.path)

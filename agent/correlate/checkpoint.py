@@ -30,8 +30,27 @@ _EPISODE = ("evidence", "start_ns", "guest_saw_ns", "reset_written_ns", "reset_d
             "driver_ok_ns", "stuck", "reinit_values")
 
 
+_INT, _OPT_INT, _BOOL, _STR = (int,), (int, type(None)), (bool,), (str,)
+# what each restored field may hold (a file on a hostPath is input, not trusted)
+_TYPES = {"pid": _INT, "start_time": _INT, "name": _STR, "namespace": _STR, "uuid": _STR,
+          "vmm": _STR, "config_vector": _OPT_INT, "vector_trusted": _BOOL, "gsi": _OPT_INT,
+          "msix_config": _OPT_INT, "last_config_irq_ns": _OPT_INT, "last_episode_end_ns": _INT,
+          "evidence": _STR, "start_ns": _INT, "guest_saw_ns": _OPT_INT,
+          "reset_written_ns": _OPT_INT, "reset_done_ns": _OPT_INT, "driver_ok_ns": _OPT_INT,
+          "stuck": _BOOL, "status": _OPT_INT, "driver_bits": _OPT_INT, "failed": _BOOL}
+
+
 class StateError(ValueError):
     """The state is not one this version can restore (wrong version, malformed)."""
+
+
+def _get(d: dict[str, Any], key: str) -> Any:
+    """d[key], if it has the type the field may hold (bools are not ints here)."""
+    value = d[key]
+    types = _TYPES[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise TypeError(f"{key} is {type(value).__name__}")
+    return value
 
 
 def dump(c: Correlator) -> dict[str, Any]:
@@ -67,10 +86,16 @@ def restore(c: Correlator, state: dict[str, Any], alive: Callable[[VmIdentity], 
         raise StateError(f"state version {state.get('version') if isinstance(state, dict) else None!r}"
                          f" is not {VERSION}")
     out: list[Output] = []
+    pids: set[int] = set()
     try:
         for v in state["vms"]:
-            identity = VmIdentity(**{k: v["identity"][k] for k in _IDENTITY})
+            identity = VmIdentity(**{k: _get(v["identity"], k) for k in _IDENTITY})
+            if identity.pid in pids:
+                raise ValueError(f"pid {identity.pid} twice")
+            pids.add(identity.pid)
             devices = [(_device(d, now_ns), d) for d in v["devices"]]
+            if len({dev.id for dev, _ in devices}) != len(devices):
+                raise ValueError(f"a device of pid {identity.pid} twice")
             if not alive(identity):
                 for dev, d in devices:
                     ep = d.get("episode")
@@ -96,7 +121,7 @@ def _device(d: dict[str, Any], now_ns: int) -> DeviceState:
     dev = DeviceState(id=str(d["id"]), type=str(d["type"]), transport=str(d["transport"]),
                       layout=layout, last_ts=now_ns)
     for k in _DEVICE[3:]:
-        setattr(dev, k, d[k])
+        setattr(dev, k, _get(d, k))
     if layout is not None and layout.device_id != dev.id:
         raise ValueError(f"device {dev.id} has the layout of {layout.device_id}")
     return dev
@@ -104,9 +129,11 @@ def _device(d: dict[str, Any], now_ns: int) -> DeviceState:
 
 def _episode(e: dict[str, Any], identity: VmIdentity, dev: DeviceState) -> Episode:
     ep = Episode(vm=identity, device=dev.id, type=dev.type, transport=dev.transport,
-                 evidence=str(e["evidence"]), start_ns=int(e["start_ns"]), resumed=True)
-    for k in _EPISODE[2:]:
-        setattr(ep, k, e[k])
+                 evidence=_get(e, "evidence"), start_ns=_get(e, "start_ns"), resumed=True)
+    for k in _EPISODE[2:-1]:
+        setattr(ep, k, _get(e, k))
+    if not isinstance(e["reinit_values"], list):
+        raise TypeError("reinit_values is not a list")
     ep.reinit_values = [int(x) for x in e["reinit_values"]]
     ep.outcome = Outcome.OPEN
     return ep
@@ -126,7 +153,8 @@ def _restore_device(c: Correlator, vm: VmState, dev: DeviceState, d: dict[str, A
     ep = d.get("episode")
     if ep is not None:
         # the status as last seen: the first access after the gap is judged against it
-        dev.status, dev.driver_bits, dev.failed = d["status"], d["driver_bits"], bool(d["failed"])
+        dev.status, dev.driver_bits, dev.failed = (_get(d, "status"), _get(d, "driver_bits"),
+                                                   _get(d, "failed"))
         dev.open_episode = _episode(ep, vm.identity, dev)
         dev.needs_reset_total = 1
         dev.resumed = True

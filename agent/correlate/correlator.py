@@ -211,6 +211,10 @@ class Correlator:
         self._count_outputs(out)
         return out
 
+    def identities(self) -> list[VmIdentity]:
+        """The VMs tracked now (exited ones kept for scrapes are not)."""
+        return [vm.identity for vm in self._vms.values()]
+
     def _count_outputs(self, out: list[Output]) -> None:
         if out:
             self.changes += 1
@@ -672,6 +676,8 @@ class Correlator:
                               last_ts=ev.ts_ns)
             self._add_device(vm, dev, out)
         value = ev.value & 0xFF
+        if dev.open_episode is not None:
+            self.changes += 1       # its marks may move
         if dev.resumed:
             out.extend(dev.after_gap(ev.ts_ns, value, ev.op == Op.WRITE))
         if ev.op == Op.WRITE:

@@ -6,6 +6,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from agent import run
 from agent.model import VmIdentity
 from agent.state_file import StateFile, process_alive
@@ -68,7 +70,8 @@ def test_process_alive_needs_the_same_start_time(tmp_path):
     assert process_alive(VmIdentity(4242, 777, "a"), proc)
     assert not process_alive(VmIdentity(4242, 778, "a"), proc)    # pid reused
     assert not process_alive(VmIdentity(4243, 777, "a"), proc)    # gone
-    assert process_alive(VmIdentity(4242, 0, "pid-4242"), proc)   # fallback: pid only
+    # a fallback identity has only its pid, which may have been reused: not the same process
+    assert not process_alive(VmIdentity(4242, 0, "pid-4242"), proc)
 
 
 def test_the_loop_hands_an_open_episode_to_the_next_agent(tmp_path):
@@ -139,3 +142,99 @@ def test_a_state_that_cannot_be_restored_leaves_a_fresh_correlator(tmp_path, cap
     assert agent.correlator.snapshot(0).vms == 0         # the good VM was not half-restored
     assert agent.restored == {"vms": 0, "devices": 0, "episodes": 0}
     sf.close()
+
+
+def _two_agents(tmp_path, cut: str):
+    """A script of one VM whose device needs a reset; agent 1 sees the events up to `cut`
+    ("needs_reset" or "recovered") and is killed after its step (no save_state)."""
+    from agent.correlate import Correlator, CorrelatorConfig
+    from agent.episode_log import EpisodeLog
+    from agent.events import VmStarted
+    from tests.unit.test_correlate_guestscript import Script
+    from tests.unit.test_run_cli import ScriptedSource
+
+    s = Script(t0=time.monotonic_ns())
+    dev = s.vm(4242, "lab-vm", start_time=777).device(vector=0x31)
+    dev.init()
+    dev.needs_reset()
+    if cut == "recovered":
+        dev.recover()
+    started = next(e for e in s.events if isinstance(e, VmStarted))
+    cfg = CorrelatorConfig(hints=(dev.hint(),), reorder_window_ns=0)
+    proc = fake_proc(tmp_path, procs=((4242, 777),))
+    path = str(tmp_path / "state.json")
+
+    def agent_with(events, stream):
+        sf = StateFile(path, proc_root=proc)
+        assert sf.acquire() is None
+        source = ScriptedSource([[e for e in events if not isinstance(e, VmStarted)]])
+        agent = run.Agent(source, Correlator(cfg), lambda pid: started,
+                          episode_log=EpisodeLog(stream), state_file=sf)
+        agent.restore()
+        return agent, sf
+
+    log1 = io.StringIO()
+    a1, sf1 = agent_with(s.events, log1)
+    a1.step(0)
+    sf1.close()                  # killed: no save_state
+    return agent_with, log1, Path(proc)
+
+
+def test_an_episode_logged_before_a_kill_is_not_reported_again(tmp_path):
+    from agent.episode_log import read_records
+
+    agent_with, log1, _ = _two_agents(tmp_path, "recovered")
+    (rec,) = read_records(log1.getvalue().splitlines())
+    assert rec["outcome"] == "recovered"
+    log2 = io.StringIO()
+    a2, sf2 = agent_with([], log2)     # the state saved before agent 1 wrote its line
+    assert a2.restored["episodes"] == 0
+    a2.step(0)
+    a2.save_state()
+    sf2.close()
+    assert read_records(log2.getvalue().splitlines()) == []
+
+
+def test_a_restored_vm_that_exits_before_any_event_ends_its_episode(tmp_path):
+    """BPF reports exits of VMMs it forwarded events of; a restored VM that exits quietly is
+    found gone in /proc."""
+    import shutil
+
+    from agent.episode_log import read_records
+
+    agent_with, log1, proc = _two_agents(tmp_path, "needs_reset")
+    assert read_records(log1.getvalue().splitlines()) == []
+    log2 = io.StringIO()
+    a2, sf2 = agent_with([], log2)
+    assert a2.restored["episodes"] == 1
+    shutil.rmtree(proc / "4242")        # the VM exits without another event
+    a2.step(0)
+    sf2.close()
+    (rec,) = read_records(log2.getvalue().splitlines())
+    assert rec["outcome"] == "abandoned" and rec["resumed"] is True
+    assert a2.correlator.snapshot(time.monotonic_ns()).vms == 0
+
+
+def test_hostile_state_files_are_ignored(tmp_path, caplog):
+    from agent.correlate import Correlator
+    from agent.correlate.checkpoint import StateError, restore
+    from tests.unit.test_run_cli import ScriptedSource
+
+    proc = fake_proc(tmp_path, procs=((4242, 777),))
+    path = tmp_path / "state.json"
+    sf = StateFile(str(path), proc_root=proc)
+    path.write_text("[" * 200_000)                       # RecursionError in json
+    assert sf.load() is None
+    vm = {"identity": {"pid": 4242, "start_time": 777, "name": "a", "namespace": "", "uuid": "",
+                       "vmm": "qemu"}, "fallback": False, "devices": []}
+    for bad in ({**vm, "identity": {**vm["identity"], "start_time": "777"}},
+                {**vm, "identity": {**vm["identity"], "pid": True}}):
+        with pytest.raises(StateError):
+            restore(Correlator(), {"version": 1, "vms": [bad]}, lambda i: True, 0)
+    with pytest.raises(StateError, match="twice"):
+        restore(Correlator(), {"version": 1, "vms": [vm, vm]}, lambda i: True, 0)
+    assert sf.acquire() is None
+    sf.save({"version": 1, "vms": [vm]})
+    agent = run.Agent(ScriptedSource([]), Correlator(), lambda pid: None, state_file=sf)
+    agent.restore()
+    assert agent.restored["vms"] == 1
