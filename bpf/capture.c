@@ -8,7 +8,9 @@
 // A guest controls the exit rate, so filtering happens here: register accesses are forwarded
 // only when (value, op) changes per register (identical ones are counted and folded into the
 // next event's `repeats`), unwatched addresses only as rate-limited discovery candidates,
-// interrupts only for vectors/GSIs userspace marked interesting. Everything else is counted.
+// interrupts only for vectors/GSIs userspace marked interesting. Apart from status registers,
+// everything forwarded is bounded per VM: by a token bucket, or to one event per register /
+// address / vector per activity interval. Everything else is counted.
 
 #include <uapi/linux/ptrace.h>
 
@@ -77,10 +79,21 @@
 #define CFG_DISCOVERY_BURST 1  // bucket size
 #define CFG_PIO_MIN_PORT 2     // lowest candidate port: below are ISA devices and PCI config (0xcf8)
 #define CFG_INFLIGHT 3         // (kernel-owned) threads inside VHOST_VDPA_GET_STATUS right now
-#define CFG_ACTIVITY_RATE 4    // activity events (unwatched MSIs, kicks) per second per VM (0 = off)
+#define CFG_ACTIVITY_RATE 4    // refill of the activity and watched-interrupt buckets, per s per VM
 #define CFG_ACTIVITY_BURST 5
-#define CFG_ACTIVITY_INTERVAL 6  // ns: one event per MSI vector / notify address per interval
+#define CFG_ACTIVITY_INTERVAL 6  // ns: one event per MSI vector / notify address / identical
+                                 // write or ISR read of a watched register per interval
+#define CFG_ACTIVITY_DISCOVERY 7 // 1: unwatched MSIs and kicks are forwarded (activity discovery)
 #define CFG_N 8
+
+// token buckets per VM (take_token)
+#define B_DISCOVERY 0   // status-register candidates (`buckets`, CFG_DISCOVERY_*)
+#define B_ACTIVITY 1    // unwatched MSIs and kicks (`abuckets`)
+#define B_IRQ 2         // watched vectors / GSIs (`ibuckets`): a busy device's line must not
+                        // starve the registers (an INTx / mmio line also carries queue interrupts)
+#define B_WATCHED 3     // changes of watched non-status registers (`wbuckets`): a VM with many
+                        // busy queues drains its activity bucket, and a re-initialising driver's
+                        // msix_config writes must still pass
 
 #define SPACE_NOTIFY 2    // candidates-map key space of queue notify addresses (never watched)
 
@@ -117,7 +130,7 @@ struct reg_state {
 struct watch_val {
     struct reg_state st;
     u32 reg;        // agent.events.Register
-    u32 fwd_ms;     // ISR: when the last read was forwarded (ktime >> 20, wraps; ~1 ms units)
+    u32 fwd_ms;     // non-status: when the last event was forwarded (ktime >> 20, wraps; ~1 ms units)
 };
 
 struct bucket {
@@ -143,6 +156,8 @@ BPF_TABLE("lru_hash", struct reg_key, struct reg_state, candidates, CAND_ENTRIES
 BPF_TABLE("lru_hash", u32, struct bucket, buckets, VM_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, tracked, VM_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct bucket, abuckets, VM_ENTRIES);
+BPF_TABLE("lru_hash", u32, struct bucket, ibuckets, VM_ENTRIES);
+BPF_TABLE("lru_hash", u32, struct bucket, wbuckets, VM_ENTRIES);
 BPF_TABLE("lru_hash", struct irq_key, u64, irq_seen, CAND_ENTRIES);
 // (VMM, vector) of an MSI activity discovery just forwarded: its LAPIC delivery is forwarded too
 BPF_TABLE("lru_hash", struct irq_key, u64, apic_pending, VM_ENTRIES);
@@ -197,22 +212,37 @@ static __always_inline void submit(struct event *e)
         tracked.update(&tgid, &one);
 }
 
-// token bucket per VM (tokens scaled by 1e9 to stay in integers); `activity` selects the
-// bucket of unwatched MSIs and kicks, else the one of status-register candidates
-static __always_inline int take_token(u32 tgid, int activity)
+// token bucket per VM (tokens scaled by 1e9 to stay in integers): `which` is B_DISCOVERY
+// (status-register candidates), B_ACTIVITY (unwatched MSIs and kicks), B_IRQ (watched
+// interrupts) or B_WATCHED (changes of watched non-status registers); the last three have the
+// activity rate and burst
+static __always_inline int take_token(u32 tgid, int which)
 {
-    u64 rate = cfg(activity ? CFG_ACTIVITY_RATE : CFG_DISCOVERY_RATE);
+    int disc = which == B_DISCOVERY;
+    u64 rate = cfg(disc ? CFG_DISCOVERY_RATE : CFG_ACTIVITY_RATE);
     if (rate == 0)
         return 0;
-    u64 cap = cfg(activity ? CFG_ACTIVITY_BURST : CFG_DISCOVERY_BURST) * 1000000000ULL;
+    u64 cap = cfg(disc ? CFG_DISCOVERY_BURST : CFG_ACTIVITY_BURST) * 1000000000ULL;
     u64 now = bpf_ktime_get_ns();
-    struct bucket *b = activity ? abuckets.lookup(&tgid) : buckets.lookup(&tgid);
+    struct bucket *b;
+    if (which == B_DISCOVERY)
+        b = buckets.lookup(&tgid);
+    else if (which == B_ACTIVITY)
+        b = abuckets.lookup(&tgid);
+    else if (which == B_IRQ)
+        b = ibuckets.lookup(&tgid);
+    else
+        b = wbuckets.lookup(&tgid);
     if (!b) {
         struct bucket nb = {.stamp_ns = now, .tokens = cap - 1000000000ULL};
-        if (activity)
-            abuckets.update(&tgid, &nb);
-        else
+        if (which == B_DISCOVERY)
             buckets.update(&tgid, &nb);
+        else if (which == B_ACTIVITY)
+            abuckets.update(&tgid, &nb);
+        else if (which == B_IRQ)
+            ibuckets.update(&tgid, &nb);
+        else
+            wbuckets.update(&tgid, &nb);
         return 1;
     }
     u64 tokens = b->tokens + (now - b->stamp_ns) * rate;
@@ -225,6 +255,13 @@ static __always_inline int take_token(u32 tgid, int activity)
     }
     b->tokens = tokens - 1000000000ULL;
     return 1;
+}
+
+// the activity interval in ~1 ms units (ktime >> 20), at least 1
+static __always_inline u32 interval_units(void)
+{
+    u32 u = (u32)(cfg(CFG_ACTIVITY_INTERVAL) >> 20);
+    return u ? u : 1;
 }
 
 // does an unwatched access look like a virtio status register access?
@@ -242,6 +279,58 @@ static __always_inline int is_candidate(u32 space, u64 addr, u32 size, u64 value
 
 static __always_inline void handle_notify(u64 gpa);
 
+// a reserved EV_ACCESS record, filled but for `repeats` (0 if the ring buffer is full)
+static __always_inline struct event *access_event(u32 space, u8 op, u64 addr, u32 size,
+                                                  u64 value, u32 reg)
+{
+    struct event *e = reserve(EV_ACCESS);
+    if (!e)
+        return 0;
+    e->space = space;
+    e->op = op;
+    e->addr = addr;
+    e->size = size;
+    e->value = value;
+    e->reg = reg;
+    return e;
+}
+
+// An unwatched access that could be a status register: forwarded on change, within the VM's
+// discovery bucket. A new address is only put into the shared `candidates` LRU once it got a
+// token, so that a guest sweeping addresses cannot evict the state of other VMs faster than
+// its bucket allows.
+static __always_inline void handle_candidate(struct reg_key *k, u8 op, u32 size, u64 value)
+{
+    struct reg_state *st = candidates.lookup(k);
+    if (st && st->valid && st->last == value && st->op == op) {
+        __sync_fetch_and_add(&st->repeats, 1);
+        count(C_REPEAT);
+        return;
+    }
+    if (!take_token(k->tgid, B_DISCOVERY)) {
+        count(C_RATE_LIMITED);
+        return;
+    }
+    struct event *e = access_event(k->space, op, k->addr, size, value, 0);
+    if (!e)
+        return;     // state untouched: the next identical access retries
+    if (st) {
+        e->repeats = st->repeats;
+        st->repeats = 0;
+        st->last = value;
+        st->op = op;
+        st->valid = 1;
+    } else {
+        struct reg_state z = {};
+        z.last = value;
+        z.op = op;
+        z.valid = 1;
+        if (candidates.update(k, &z) != 0)
+            count(C_CANDIDATE_MAP_FULL);
+    }
+    submit(e);
+}
+
 static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, u64 value)
 {
     struct reg_key k = {};
@@ -249,14 +338,8 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
     k.space = space;
     k.addr = addr;
 
-    struct reg_state *st;
-    u32 reg = 0;
-    int candidate = 0;
     struct watch_val *w = watch.lookup(&k);
-    if (w) {
-        reg = w->reg;
-        st = &w->st;
-    } else {
+    if (!w) {
         // queue kicks: modern virtio-pci notify is a 16-bit write of the queue index (an
         // ioeventfd; kvm_fast_mmio where KVM has that path, else here), virtio-mmio QueueNotify
         // a 32-bit write at +0x50. Other 16-bit writes (queue setup) pass here too: correlation
@@ -270,54 +353,51 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
             count(C_UNWATCHED);
             return;
         }
-        candidate = 1;
-        st = candidates.lookup(&k);
-        if (!st) {
-            struct reg_state z = {};
-            candidates.update(&k, &z);
-            st = candidates.lookup(&k);
-            if (!st) {
-                count(C_CANDIDATE_MAP_FULL);
-                return;
-            }
-        }
+        handle_candidate(&k, op, size, value);
+        return;
     }
 
-    // non-status registers: writes always forwarded (kicks, vector programming), reads on change
-    int always = !candidate && reg != REG_STATUS && op == OP_WRITE;
-    // ISR / InterruptStatus: a driver reads it once per interrupt, mostly the same value. An
-    // identical read is still forwarded once per activity interval: queue completions are
-    // the progress evidence that tells a working device from one that needs a reset.
+    struct reg_state *st = &w->st;
+    u32 reg = w->reg;
+    int identical = st->valid && st->last == value && st->op == op;
     u32 now_ms = 0;
-    if (w && reg == REG_ISR && op == OP_READ) {
+    if (reg == REG_STATUS) {
+        // status: every change forwarded, identical accesses folded
+        if (identical) {
+            __sync_fetch_and_add(&st->repeats, 1);
+            count(C_REPEAT);
+            return;
+        }
+    } else {
+        // Other watched registers (msix_config, InterruptACK, config_generation, ISR, ...).
+        // An identical access is folded; an identical write or ISR read is still forwarded once
+        // per activity interval: a driver writes InterruptACK and reads ISR on every interrupt,
+        // mostly with the same value, and these are the progress evidence of an INTx /
+        // virtio-mmio device. A change needs a token of the VM's watched-register bucket, which
+        // the identical ones never drain (a config interrupt's ACK still passes while a busy
+        // device acks its queue interrupts); not for ISR reads: the device sets ISR, not the
+        // guest.
         now_ms = (u32)(bpf_ktime_get_ns() >> 20);
-        if (now_ms - w->fwd_ms >= (u32)(cfg(CFG_ACTIVITY_INTERVAL) >> 20))
-            always = 1;
+        if (identical) {
+            if ((op == OP_READ && reg != REG_ISR) || now_ms - w->fwd_ms < interval_units()) {
+                __sync_fetch_and_add(&st->repeats, 1);
+                count(C_REPEAT);
+                return;
+            }
+        } else if (!(reg == REG_ISR && op == OP_READ) && !take_token(k.tgid, B_WATCHED)) {
+            count(C_RATE_LIMITED);
+            return;
+        }
     }
-    if (!always && st->valid && st->last == value && st->op == op) {
-        __sync_fetch_and_add(&st->repeats, 1);
-        count(C_REPEAT);
-        return;
-    }
-    if (candidate && !take_token(k.tgid, 0)) {
-        count(C_RATE_LIMITED);
-        return;
-    }
-    struct event *e = reserve(EV_ACCESS);
+    struct event *e = access_event(space, op, addr, size, value, reg);
     if (!e)
         return;     // state untouched: the next identical access retries
-    e->space = space;
-    e->op = op;
-    e->addr = addr;
-    e->size = size;
-    e->value = value;
-    e->reg = reg;
     e->repeats = st->repeats;
     st->repeats = 0;
     st->last = value;
     st->op = op;
     st->valid = 1;
-    if (now_ms)
+    if (reg != REG_STATUS)
         w->fwd_ms = now_ms;
     submit(e);
 }
@@ -361,8 +441,9 @@ static __always_inline void handle_mmio(u32 type, u32 len, u64 gpa, u64 val)
 // A queue kick (fast MMIO ioeventfd, or a virtio-mmio QueueNotify write). Kicks come as fast
 // as the guest likes, so per address at most one is forwarded per CFG_ACTIVITY_INTERVAL (the
 // rest are folded into the next one's `repeats`); unwatched addresses also need a token of the
-// VM's activity bucket. Correlation uses them to tell a device that is still driven from one
-// that is idle.
+// VM's activity bucket, taken before a new address goes into the shared `candidates` LRU (a
+// guest sweeping addresses cannot evict other VMs' state faster than its bucket allows).
+// Correlation uses them to tell a device that is still driven from one that is idle.
 static __always_inline void handle_notify(u64 gpa)
 {
     struct reg_key k = {};
@@ -375,30 +456,21 @@ static __always_inline void handle_notify(u64 gpa)
     if (w) {
         st = &w->st;
     } else {
-        if (cfg(CFG_ACTIVITY_RATE) == 0) {
+        if (!cfg(CFG_ACTIVITY_DISCOVERY)) {
             count(C_UNWATCHED);
             return;
         }
         candidate = 1;
         k.space = SPACE_NOTIFY;
         st = candidates.lookup(&k);
-        if (!st) {
-            struct reg_state z = {};
-            candidates.update(&k, &z);
-            st = candidates.lookup(&k);
-            if (!st) {
-                count(C_CANDIDATE_MAP_FULL);
-                return;
-            }
-        }
     }
     u64 now = bpf_ktime_get_ns();
-    if (st->valid && now - st->last < cfg(CFG_ACTIVITY_INTERVAL)) {
+    if (st && st->valid && now - st->last < cfg(CFG_ACTIVITY_INTERVAL)) {
         __sync_fetch_and_add(&st->repeats, 1);
         count(candidate ? C_ACTIVITY_FOLDED : C_REPEAT);
         return;
     }
-    if (candidate && !take_token(k.tgid, 1)) {
+    if (candidate && !take_token(k.tgid, B_ACTIVITY)) {
         count(C_RATE_LIMITED);
         return;
     }
@@ -408,10 +480,18 @@ static __always_inline void handle_notify(u64 gpa)
     e->addr = gpa;
     e->space = SPACE_MMIO;
     e->op = OP_WRITE;
-    e->repeats = st->repeats;
-    st->repeats = 0;
-    st->last = now;
-    st->valid = 1;
+    if (st) {
+        e->repeats = st->repeats;
+        st->repeats = 0;
+        st->last = now;
+        st->valid = 1;
+    } else {
+        struct reg_state z = {};
+        z.last = now;
+        z.valid = 1;
+        if (candidates.update(&k, &z) != 0)
+            count(C_CANDIDATE_MAP_FULL);
+    }
     if (candidate)
         count(C_ACTIVITY_FORWARDED);
     submit(e);
@@ -428,7 +508,7 @@ static __always_inline void handle_fast_mmio(u64 gpa)
 // vectors never pass here (they would in kvm_apic_accept_irq).
 static __always_inline int msi_discovered(u32 vector)
 {
-    if (cfg(CFG_ACTIVITY_RATE) == 0)
+    if (!cfg(CFG_ACTIVITY_DISCOVERY))
         return 0;
     struct irq_key k = {};
     k.tgid = bpf_get_current_pid_tgid() >> 32;
@@ -440,7 +520,7 @@ static __always_inline int msi_discovered(u32 vector)
         count(C_ACTIVITY_FOLDED);
         return 0;
     }
-    if (!take_token(k.tgid, 1)) {
+    if (!take_token(k.tgid, B_ACTIVITY)) {
         count(C_RATE_LIMITED);
         return 0;
     }
@@ -457,6 +537,8 @@ static __always_inline int msi_discovered(u32 vector)
 #define APIC_AFTER_MSI_NS 1000000ULL
 static __always_inline int apic_after_discovered_msi(u32 vector)
 {
+    if (!cfg(CFG_ACTIVITY_DISCOVERY))
+        return 0;   // nothing discovered: no LRU lookup on every delivery
     struct irq_key k = {};
     k.tgid = bpf_get_current_pid_tgid() >> 32;
     k.kind = IRQ_KIND_VECTOR;
@@ -469,9 +551,24 @@ static __always_inline int apic_after_discovered_msi(u32 vector)
     return bpf_ktime_get_ns() - then < APIC_AFTER_MSI_NS;
 }
 
+// A watched vector or GSI (a config interrupt, or a device's INTx / mmio line) still needs a
+// token of the VM's interrupt bucket: a guest can send itself IPIs on its config vector as fast
+// as it likes. Genuine config interrupts are rare (the burst covers them); a busy line drains
+// only this bucket, never the one the device's registers need.
+static __always_inline int irq_token(void)
+{
+    if (take_token(bpf_get_current_pid_tgid() >> 32, B_IRQ))
+        return 1;
+    count(C_RATE_LIMITED);
+    return 0;
+}
+
 static __always_inline void handle_msi(u64 address, u64 data)
 {
-    if (!irq_watched(IRQ_KIND_VECTOR, data & 0xff) && !msi_discovered(data & 0xff)) {
+    if (irq_watched(IRQ_KIND_VECTOR, data & 0xff)) {
+        if (!irq_token())
+            return;
+    } else if (!msi_discovered(data & 0xff)) {
         count(C_UNINTERESTING_IRQ);
         return;
     }
@@ -485,7 +582,7 @@ static __always_inline void handle_msi(u64 address, u64 data)
 
 static __always_inline void handle_set_irq(u32 gsi, int level)
 {
-    if (!irq_interesting(IRQ_KIND_GSI, gsi))
+    if (!irq_interesting(IRQ_KIND_GSI, gsi) || !irq_token())
         return;
     struct event *e = reserve(EV_IRQ);
     if (!e)
@@ -497,7 +594,9 @@ static __always_inline void handle_set_irq(u32 gsi, int level)
 
 static __always_inline void handle_apic(u32 apicid, u32 dm, u32 vec)
 {
-    if (!apic_after_discovered_msi(vec) && !irq_interesting(IRQ_KIND_VECTOR, vec))
+    // the delivery of an MSI activity discovery forwarded: that MSI already took a token
+    if (!apic_after_discovered_msi(vec) &&
+        (!irq_interesting(IRQ_KIND_VECTOR, vec) || !irq_token()))
         return;
     struct event *e = reserve(EV_APIC);
     if (!e)
@@ -518,6 +617,8 @@ static __always_inline void handle_exit(int group_dead)
     tracked.delete(&tgid);
     buckets.delete(&tgid);
     abuckets.delete(&tgid);
+    ibuckets.delete(&tgid);
+    wbuckets.delete(&tgid);
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_RINGBUF_FULL);

@@ -21,13 +21,17 @@ log = logging.getLogger(__name__)
 SOURCE = "capture.c"
 # maps whose fill is reported (name -> grows with guests)
 REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl",
-                 "abuckets", "irq_seen", "apic_pending")
+                 "abuckets", "ibuckets", "wbuckets", "irq_seen", "apic_pending")
 CFG_DISCOVERY_RATE = 0
 CFG_DISCOVERY_BURST = 1
 CFG_PIO_MIN_PORT = 2
 CFG_ACTIVITY_RATE = 4
 CFG_ACTIVITY_BURST = 5
 CFG_ACTIVITY_INTERVAL = 6
+CFG_ACTIVITY_DISCOVERY = 7
+# activity bucket refill (per second per VM) when activity_rate=0 turned activity discovery off:
+# changes of watched non-status registers and watched interrupts are still rate limited
+DEFAULT_ACTIVITY_RATE = 100
 
 
 class CaptureError(RuntimeError):
@@ -63,7 +67,7 @@ class Capture:
 
     def __init__(self, hooks: Optional[Iterable[str]] = None, ringbuf_pages: int = 64, *,
                  discovery_rate: int = 200, discovery_burst: int = 64,
-                 pio_min_port: int = 0x1000, activity_rate: int = 100,
+                 pio_min_port: int = 0x1000, activity_rate: int = DEFAULT_ACTIVITY_RATE,
                  activity_burst: int = 64, activity_interval_ms: int = 200,
                  raw_tracepoints: Optional[bool] = None, watch_entries: int = 4096,
                  candidate_entries: int = 4096, vm_entries: int = 1024,
@@ -221,7 +225,11 @@ class Capture:
         cfg[ctypes.c_int(CFG_DISCOVERY_RATE)] = ctypes.c_uint64(self.discovery_rate)
         cfg[ctypes.c_int(CFG_DISCOVERY_BURST)] = ctypes.c_uint64(self.discovery_burst)
         cfg[ctypes.c_int(CFG_PIO_MIN_PORT)] = ctypes.c_uint64(self.pio_min_port)
-        cfg[ctypes.c_int(CFG_ACTIVITY_RATE)] = ctypes.c_uint64(self.activity_rate)
+        # activity_rate=0 turns activity discovery off; the buckets keep bounding watched
+        # traffic (changes of non-status registers, watched interrupts) at the default rate
+        cfg[ctypes.c_int(CFG_ACTIVITY_RATE)] = ctypes.c_uint64(
+            self.activity_rate or DEFAULT_ACTIVITY_RATE)
+        cfg[ctypes.c_int(CFG_ACTIVITY_DISCOVERY)] = ctypes.c_uint64(1 if self.activity_rate else 0)
         cfg[ctypes.c_int(CFG_ACTIVITY_BURST)] = ctypes.c_uint64(self.activity_burst)
         cfg[ctypes.c_int(CFG_ACTIVITY_INTERVAL)] = ctypes.c_uint64(
             self.activity_interval_ms * 1_000_000)

@@ -504,8 +504,7 @@ class Correlator:
         if reg == Register.STATUS:
             self._status(vm, dev, ev, out)
         elif reg == Register.ISR and ev.op == Op.READ:
-            # virtio-mmio: the InterruptACK write that follows says the same, and capture
-            # forwards every write while it folds identical reads (they would be missed)
+            # virtio-mmio: the InterruptACK write that follows says the same (it is counted)
             by_read = dev.transport != Transport.MMIO
             if by_read and ev.repeats and dev.last_isr & ISR_CONFIG:
                 # capture folded identical reads of a config-change ISR: each was one more
@@ -517,6 +516,11 @@ class Correlator:
             if by_read and ev.value & ISR_CONFIG:
                 self._isr_config(vm, dev, ev.ts_ns, out)
         elif reg == Register.INTERRUPT_ACK and ev.op == Op.WRITE:
+            if ev.repeats and dev.last_ack & ISR_CONFIG:
+                # capture folded identical config-change ACKs: each was one more config
+                # interrupt (their times are unknown)
+                dev.config_interrupts_total += ev.repeats
+            dev.last_ack = ev.value
             if ev.value & ISR_QUEUE:
                 vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
             if ev.value & ISR_CONFIG:

@@ -62,6 +62,7 @@ class DeviceState:
     last_config_irq_ns: Optional[int] = None
     config_irq_acked_ns: Optional[int] = None  # the delivered config irq an ISR read / ACK confirmed
     last_isr: int = 0                     # last ISR / InterruptStatus value read
+    last_ack: int = 0                     # last virtio-mmio InterruptACK value written
     last_episode_end_ns: int = -1
     open_episode: Optional[Episode] = None
     notify_deadline_ns: Optional[int] = None  # the last episode waits for a config interrupt until

@@ -36,6 +36,43 @@ static struct ev *log_ev(u8 type, struct vdev *d, short ep, u8 value, u32 count,
 	return e;
 }
 
+/* writestorm on another register than status (storm_reg=config|ipi) */
+enum { STORM_STATUS, STORM_CONFIG, STORM_IPI };
+
+static u32 storm_base(struct vdev *d, int kind)
+{
+	if (kind == STORM_IPI) {
+		if (!d->apic_vec_config)
+			fatal("storm_without_config_vector");
+		return d->apic_vec_config;
+	}
+	if (d->t == T_MMIO)
+		return 1;			/* InterruptACK: the queue interrupt bit */
+	if (!d->msix)
+		fatal("storm_config_without_msix");
+	return d->msix_config_vec;		/* msix_config: the vector it has (0) */
+}
+
+static void storm_write(struct vdev *d, int kind, u32 v)
+{
+	if (kind == STORM_IPI) {
+		/* LAPIC ICR: destination shorthand self, fixed delivery, vector v */
+		mw32(0xfee00300u, (1u << 18) | (v & 0xffu));
+		return;
+	}
+	switch (d->t) {
+	case T_MODERN:
+		mw16(d->common + 0x10, (u16)v);		/* common cfg msix_config */
+		break;
+	case T_LEGACY:
+		outw((u16)(d->io + 20), (u16)v);	/* MSI-X config vector */
+		break;
+	default:
+		mw32(d->mmio + 0x64, v);		/* InterruptACK */
+		break;
+	}
+}
+
 static const char *ev_names[] = { "status", "fault", "needs_reset", "reset_done", "timeout", "isr", "kick" };
 
 static void flush_log(void)
@@ -296,15 +333,33 @@ void guest_main(u32 magic, u32 info)
 	} else if (streq(scenario, "readstorm") || streq(scenario, "writestorm")) {
 		int writes = streq(scenario, "writestorm");
 		u32 n = param_u32(writes ? "writes" : "reads", 100000);
+		/* writestorm: storm_reg=status (default), config (the device's config-vector /
+		 * interrupt-ack register), or ipi (self-IPIs on its config vector); storm_values=N
+		 * cycles through N values from the register's usual one; storm_final=V (not 0):
+		 * then one write of V (as a config interrupt's ACK after many queue ACKs) */
+		const char *reg = writes ? param_str("storm_reg", "status") : "status";
+		int kind = streq(reg, "config") ? STORM_CONFIG : streq(reg, "ipi") ? STORM_IPI
+			: STORM_STATUS;
+		if (kind == STORM_STATUS && !streq(reg, "status"))
+			fatal("unknown_storm_reg");
+		u32 nvals = param_u32("storm_values", 1);
+		if (!nvals)
+			nvals = 1;
+		u32 final = param_u32("storm_final", 0);	/* != 0: one more write of it */
 		for (int i = 0; i < ndevs; i++) {
 			struct vdev *d = &devs[i];
 			if (!selected(i, fault_sel))
 				continue;
 			u8 v = vd_status(d), last = v;
+			u32 base = kind == STORM_STATUS ? v : storm_base(d, kind);
 			u32 differing = 0;
 			u64 t0 = rdtsc();
 			for (u32 k = 0; k < n; k++) {
-				if (writes) {
+				if (kind != STORM_STATUS) {
+					u32 w = base + k % nvals;
+					storm_write(d, kind, w);
+					differing += k && nvals > 1;	/* each differs from the previous */
+				} else if (writes) {
 					vd_set_status(d, v);
 				} else {
 					last = vd_status(d);
@@ -312,11 +367,16 @@ void guest_main(u32 magic, u32 info)
 				}
 			}
 			u64 t1 = rdtsc();
+			if (kind != STORM_STATUS && final)
+				storm_write(d, kind, final);
+			if (kind == STORM_CONFIG && d->t != T_MMIO)
+				storm_write(d, kind, d->msix_config_vec);	/* restore */
 			puts_("VRA storm");
 			put_kv_dec("dev", (u64)i);
 			put_kv_str("op", writes ? "write" : "read");
+			put_kv_str("reg", reg);
 			put_kv_dec("n", n);
-			put_kv_hex("value", v);
+			put_kv_hex("value", base);
 			put_kv_dec("differing", differing);
 			put_kv_dec("tsc_start", t0);
 			put_kv_dec("tsc_end", t1);

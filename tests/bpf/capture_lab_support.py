@@ -22,6 +22,21 @@ class CapturedRun:
         return self.counters_after[counter] - self.counters_before[counter]
 
 
+@dataclass(frozen=True)
+class StormSpec(GuestSpec):
+    """A `writestorm` on another register than status: the lab guest's `storm_reg` (config =
+    the config-vector / InterruptACK register, ipi = self-IPIs on the config vector),
+    `storm_values` (values cycled through) and `storm_final` (one more write after the storm),
+    which lab/harness.py does not pass itself."""
+    storm_reg: str = "status"
+    storm_values: int = 1
+    storm_final: int = 0
+
+    def cmdline(self) -> str:
+        return (f"{super().cmdline()} storm_reg={self.storm_reg} "
+                f"storm_values={self.storm_values} storm_final={self.storm_final}")
+
+
 def learn_devices(spec: GuestSpec) -> list[DeviceInfo]:
     """The guest's own report of where its registers and vectors are (an `init` run)."""
     from lab.harness import run

@@ -509,7 +509,8 @@ def test_config_vector_learnt_from_the_delivery_before_the_first_0x40_read():
 
 def test_mmio_config_interrupts_counted_by_interrupt_ack_writes_not_folded_reads():
     """virtio-mmio: capture folds identical InterruptStatus reads (forwarding one per interval,
-    the rest as `repeats`) but forwards every InterruptACK write: one config interrupt per ACK."""
+    the rest as `repeats`); InterruptACK writes 200 ms apart are each forwarded: one config
+    interrupt per ACK."""
     s = Script()
     dev = s.vm(9, "vm").device(Transport.MMIO, 0xFEB00200, gsi=5)
     dev.init()
@@ -526,6 +527,27 @@ def test_mmio_config_interrupts_counted_by_interrupt_ack_writes_not_folded_reads
     eps = ended(out)
     assert [e.evidence for e in eps] == [Evidence.CONFIG_INTERRUPT] * 3
     assert [e.start_ns for e in eps] == [t.start_ns for t in truths]
+    (view,) = c.snapshot(s.t).devices
+    assert view.config_interrupts_total == 3
+    assert not violations(out)
+
+
+def test_mmio_config_acks_folded_by_capture_are_counted_from_repeats():
+    """capture folds identical InterruptACK writes too (one forwarded per interval): the
+    `repeats` of a config-change ACK are config interrupts, those of a queue ACK are not."""
+    import dataclasses
+
+    s = Script()
+    dev = s.vm(9, "vm").device(Transport.MMIO, 0xFEB00200, gsi=5)
+    dev.init()
+    ack = dev.base + 0x64
+    dev.access(E.Op.WRITE, 0x3, addr=ack)            # a config interrupt's ACK
+    dev.access(E.Op.WRITE, 0x1, addr=ack)            # then queue ACKs, after 2 more config ones
+    dev.access(E.Op.WRITE, 0x1, addr=ack)
+    events = list(s.events)
+    events[-2] = dataclasses.replace(events[-2], repeats=2)
+    events[-1] = dataclasses.replace(events[-1], repeats=40)   # 40 folded queue ACKs
+    c, out = run(events, CorrelatorConfig(hints=(dev.hint(),)))
     (view,) = c.snapshot(s.t).devices
     assert view.config_interrupts_total == 3
     assert not violations(out)
