@@ -1,9 +1,12 @@
 """A small synchronous QMP (QEMU Machine Protocol) client over a unix socket. No third-party deps.
 
-Use it connect-per-query: `with QmpClient.connect(path) as c: c.execute(...)`. A QMP socket
-serves one client at a time; while we hold it, nobody else (an operator, libvirt) can use it,
-and while somebody else holds it our connect succeeds but the greeting never comes, which
-surfaces here as QmpTimeout. Never keep a connection open between queries (docs/qmp.md).
+Use it connect-per-query: `with QmpClient.connect(path) as c: c.execute(...)`. Each command
+has its own timeout, and the whole session (connect included) an overall time limit
+(`budget_s`, default DEFAULT_SESSION_S): a slow or hostile QEMU cannot hold the caller longer
+than that, however many commands the caller sends (QmpDeadline). A QMP socket serves one client
+at a time; while we hold it, nobody else (an operator, libvirt) can use it, and while somebody
+else holds it our connect succeeds but the greeting never comes, which surfaces here as
+QmpTimeout. Never keep a connection open between queries (docs/qmp.md).
 
 Also here: finding a QMP socket in a QEMU command line (`qmp_sockets_from_cmdline`) and making
 that path reachable from the agent's mount namespace (`reachable_path`).
@@ -13,12 +16,14 @@ from __future__ import annotations
 import collections
 import json
 import os
+import reprlib
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
-DEFAULT_TIMEOUT = 2.0
+DEFAULT_TIMEOUT = 2.0        # per command (the greeting counts as one)
+DEFAULT_SESSION_S = 5.0      # per session: connect, greeting and every command together
 MAX_LINE = 8 << 20          # one QMP message; query-pci of a big VM is ~100 KiB
 MAX_EVENTS = 64             # asynchronous events kept while waiting for replies (oldest dropped)
 UNIX_PATH_MAX = 107         # sun_path is 108 bytes including the NUL
@@ -36,6 +41,10 @@ class QmpTimeout(QmpError):
     """No complete reply in time (also: the monitor is held by another client)."""
 
 
+class QmpDeadline(QmpTimeout):
+    """The session's overall time limit (`budget_s` at connect) ran out."""
+
+
 class QmpProtocolError(QmpError):
     """The peer did not speak QMP: bad greeting, not JSON, oversized message, closed early."""
 
@@ -48,6 +57,21 @@ class QmpCommandError(QmpError):
         self.command = command
         self.error_class = error_class
         self.desc = desc
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel = 4
+_repr.maxstring = _repr.maxother = 200
+_repr.maxdict = _repr.maxlist = 8
+
+
+def short_repr(value: Any) -> str:
+    """A bounded repr for error messages: garbage from the peer may be huge or nested deeply
+    enough that repr()/str() themselves raise RecursionError."""
+    try:
+        return _repr.repr(value)[:300]
+    except Exception:       # a repr of a peer-controlled value must never raise
+        return f"<{type(value).__name__}>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,65 +90,121 @@ def parse_greeting(msg: Any) -> QmpVersion:
     try:
         v = msg["QMP"]["version"]
         q = v["qemu"]
-        return QmpVersion(int(q["major"]), int(q["minor"]), int(q["micro"]),
-                          str(v.get("package", "")))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise QmpProtocolError(f"not a QMP greeting: {str(msg)[:200]}") from exc
+        package = v.get("package", "")
+        if not isinstance(package, str):
+            raise TypeError("package is not a string")
+        return QmpVersion(_version_int(q["major"]), _version_int(q["minor"]),
+                          _version_int(q["micro"]), package)
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError,
+            RecursionError) as exc:
+        raise QmpProtocolError(f"not a QMP greeting: {short_repr(msg)}") from exc
+
+
+def _version_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"version number is not an integer: {short_repr(v)}")
+    return v
 
 
 class QmpClient:
-    """One QMP session. Build with `QmpClient.connect`; close it (or use `with`) promptly."""
+    """One QMP session. Build with `QmpClient.connect`; close it (or use `with`) promptly.
+
+    `deadline` (time.monotonic()) bounds the whole session: every command's own timeout is cut
+    to it, and once it has passed every execute raises QmpDeadline (None: no overall limit)."""
 
     def __init__(self, sock: socket.socket, timeout: float = DEFAULT_TIMEOUT,
-                 max_events: int = MAX_EVENTS):
+                 max_events: int = MAX_EVENTS, deadline: Optional[float] = None):
         self._sock = sock
         self._buf = bytearray()
         self._next_id = 0
         self.timeout = timeout
+        self.deadline = deadline
         self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=max_events)
         self.events_dropped = 0
         self.version: Optional[QmpVersion] = None
 
     @classmethod
     def connect(cls, path: str, timeout: float = DEFAULT_TIMEOUT,
-                max_events: int = MAX_EVENTS) -> "QmpClient":
-        """Connect, read the greeting and leave capabilities negotiation mode."""
-        sock = _connect_unix(path, timeout)
-        client = cls(sock, timeout, max_events)
+                max_events: int = MAX_EVENTS,
+                budget_s: Optional[float] = DEFAULT_SESSION_S) -> "QmpClient":
+        """Connect, read the greeting and leave capabilities negotiation mode.
+
+        `timeout` applies to each command (and the greeting); `budget_s` to the whole session
+        from now on, connect included (None: no overall limit)."""
+        if budget_s is not None and not budget_s > 0:
+            raise ValueError(f"budget_s must be > 0 or None, not {budget_s!r}")
+        deadline = None if budget_s is None else time.monotonic() + budget_s
+        sock = _connect_unix(path, timeout if budget_s is None else min(timeout, budget_s))
+        client = cls(sock, timeout, max_events, deadline)
         try:
-            deadline = time.monotonic() + timeout
-            client.version = parse_greeting(client._read_message(deadline, "greeting"))
+            limit, by_session = client._command_deadline(None, "greeting")
+            try:
+                greeting = client._read_message(limit, "greeting")
+            except QmpTimeout:
+                client._raise_if_session_limit(by_session, "greeting")
+                raise
+            client.version = parse_greeting(greeting)
             client.execute("qmp_capabilities")
         except BaseException:
             client.close()
             raise
         return client
 
+    def time_left(self) -> Optional[float]:
+        """Seconds until the session deadline (None: no overall limit)."""
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
     def execute(self, command: str, arguments: Optional[dict[str, Any]] = None,
                 timeout: Optional[float] = None) -> Any:
-        """Run one command and return its "return" value; QmpCommandError on an error reply."""
+        """Run one command and return its "return" value; QmpCommandError on an error reply.
+        QmpTimeout after `timeout` (default: the client's), QmpDeadline when the session's
+        overall limit comes first (or has passed already: nothing is sent then)."""
+        limit, by_session = self._command_deadline(timeout, command)
+        try:
+            return self._exchange(command, arguments, limit)
+        except QmpTimeout:
+            self._raise_if_session_limit(by_session, command)
+            raise
+
+    def _exchange(self, command: str, arguments: Optional[dict[str, Any]], limit: float) -> Any:
         self._next_id += 1
         req_id = f"vra-{self._next_id}"
         req: dict[str, Any] = {"execute": command, "id": req_id}
         if arguments:
             req["arguments"] = arguments
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        self._send(json.dumps(req).encode() + b"\n", deadline)
+        self._send(json.dumps(req).encode() + b"\n", limit)
         while True:
-            msg = self._read_message(deadline, command)
+            msg = self._read_message(limit, command)
             if "event" in msg:
                 self._keep_event(msg)
                 continue
             if msg.get("id") != req_id:
                 # A reply to something we did not send (we send one command at a time).
-                raise QmpProtocolError(f"{command}: reply with unexpected id {msg.get('id')!r}")
+                raise QmpProtocolError(
+                    f"{command}: reply with unexpected id {short_repr(msg.get('id'))}")
             if "return" in msg:
                 return msg["return"]
             if "error" in msg:
                 err = msg["error"] if isinstance(msg["error"], dict) else {}
-                raise QmpCommandError(command, str(err.get("class", "?")), str(err.get("desc", "")))
+                raise QmpCommandError(command, _text(err.get("class", "?")),
+                                      _text(err.get("desc", "")))
             raise QmpProtocolError(
-                f"{command}: reply has neither return nor error: {str(msg)[:200]}")
+                f"{command}: reply has neither return nor error: {short_repr(msg)}")
+
+    def _command_deadline(self, timeout: Optional[float], what: str) -> tuple[float, bool]:
+        """(deadline of this command, whether it is the session deadline that bounds it)."""
+        now = time.monotonic()
+        limit = now + (self.timeout if timeout is None else timeout)
+        if self.deadline is None or limit < self.deadline:
+            return limit, False
+        if self.deadline <= now:
+            raise QmpDeadline(f"{what}: the session's time limit has passed")
+        return self.deadline, True
+
+    @staticmethod
+    def _raise_if_session_limit(by_session: bool, what: str) -> None:
+        if by_session:
+            raise QmpDeadline(f"{what}: the session's time limit ran out") from None
 
     def close(self) -> None:
         try:
@@ -164,8 +244,10 @@ class QmpClient:
                     continue
                 try:
                     msg = json.loads(line)
-                except ValueError:
-                    raise QmpProtocolError(f"{what}: not JSON: {line[:200]!r}") from None
+                except (ValueError, RecursionError):
+                    # RecursionError: nested deeper than the decoder's recursion limit
+                    raise QmpProtocolError(f"{what}: not JSON (or nested too deeply): "
+                                           f"{line[:200]!r}") from None
                 if not isinstance(msg, dict):
                     raise QmpProtocolError(f"{what}: not a JSON object: {line[:200]!r}")
                 return msg
@@ -186,6 +268,10 @@ def _remaining(deadline: float) -> float:
     if left <= 0:
         raise QmpTimeout("deadline passed")
     return left
+
+
+def _text(v: Any) -> str:
+    return v if isinstance(v, str) else short_repr(v)
 
 
 def _connect_unix(path: str, timeout: float) -> socket.socket:
@@ -212,9 +298,10 @@ def _connect_unix(path: str, timeout: float) -> socket.socket:
 
 
 def query(path: str, command: str, arguments: Optional[dict[str, Any]] = None,
-          timeout: float = DEFAULT_TIMEOUT) -> Any:
+          timeout: float = DEFAULT_TIMEOUT,
+          budget_s: Optional[float] = DEFAULT_SESSION_S) -> Any:
     """Connect, run one command, disconnect."""
-    with QmpClient.connect(path, timeout) as client:
+    with QmpClient.connect(path, timeout, budget_s=budget_s) as client:
         return client.execute(command, arguments)
 
 
@@ -323,7 +410,8 @@ def reachable_path(sock: QmpSocket, pid: int, proc_root: str = "/proc") -> str:
 
 
 __all__ = [
-    "QmpError", "QmpConnectError", "QmpTimeout", "QmpProtocolError", "QmpCommandError",
-    "QmpVersion", "QmpClient", "QmpSocket", "parse_greeting", "query",
-    "qmp_sockets_from_cmdline", "reachable_path", "DEFAULT_TIMEOUT", "LIBVIRT_MONITOR_ID",
+    "QmpError", "QmpConnectError", "QmpTimeout", "QmpDeadline", "QmpProtocolError",
+    "QmpCommandError", "QmpVersion", "QmpClient", "QmpSocket", "parse_greeting", "query",
+    "qmp_sockets_from_cmdline", "reachable_path", "short_repr", "DEFAULT_TIMEOUT",
+    "DEFAULT_SESSION_S", "LIBVIRT_MONITOR_ID",
 ]

@@ -4,7 +4,9 @@
 - `virtio_status(client, path)`: x-query-virtio-status -> status byte and `broken` (QEMU >= 7.2);
 - `pci_map(client)`: query-pci -> PCI devices with ids, virtio type and BARs; `device_at` maps a
   guest address seen by the kernel (status register gpa or I/O port) to the BAR holding it;
-- `probe(path)`: all of the above over one short-lived connection;
+- `probe(path)`: all of the above over one short-lived connection, bounded in time (the QMP
+  session's overall limit) and in work (at most MAX_PROBED_DEVICES status queries; with
+  `targets`, only the devices at the suspected addresses);
 - `QueryRateLimiter`: at most one probe per VM per interval, so a VM costs no QMP traffic
   unless something about it is already suspicious.
 
@@ -17,16 +19,18 @@ import collections
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Optional, Protocol
+from typing import Any, Callable, Hashable, Iterable, Optional, Protocol
 
 from agent.events import (
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, Space,
 )
-from agent.qmp import DEFAULT_TIMEOUT, QmpClient, QmpVersion
+from agent.qmp import DEFAULT_SESSION_S, DEFAULT_TIMEOUT, QmpClient, QmpVersion, short_repr
 
 VIRTIO_PCI_VENDOR = 0x1af4
 MODERN_PCI_BASE = 0x1040          # modern device id = 0x1040 + virtio device id
 TRANSITIONAL_PCI_IDS = range(0x1000, 0x1040)
+MAX_PROBED_DEVICES = 64           # x-query-virtio-status queries per probe, at most
+MAX_BRIDGE_DEPTH = 32             # PCI bridges nested deeper than this are a malformed reply
 
 # virtio device ids (virtio 1.2, 5) -> names from the metric label vocabulary (docs/metrics.md)
 VIRTIO_TYPE_NAMES: dict[int, str] = {
@@ -82,6 +86,13 @@ class VirtioDevice:
         m = _PERIPHERAL_PATH.match(self.path)
         return m.group(1) if m else ""
 
+    @property
+    def proxied(self) -> bool:
+        """True if the VirtIODevice is the `virtio-backend` child of a transport proxy
+        (virtio-pci, with or without an id); False for a virtio-mmio device (the device
+        itself: /machine/peripheral/X or /machine/peripheral-anon/device[N])."""
+        return self.path.endswith("/virtio-backend")
+
 
 def parse_virtio_list(ret: Any) -> list[VirtioDevice]:
     if not isinstance(ret, list):
@@ -90,8 +101,8 @@ def parse_virtio_list(ret: Any) -> list[VirtioDevice]:
     for item in ret:
         try:
             out.append(VirtioDevice(path=_str(item["path"]), name=_str(item["name"])))
-        except (KeyError, TypeError) as exc:
-            raise ProbeFormatError(f"x-query-virtio: bad entry {str(item)[:200]}") from exc
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ProbeFormatError(f"x-query-virtio: bad entry {short_repr(item)}") from exc
     return out
 
 
@@ -126,11 +137,12 @@ def parse_status_byte(status: Any) -> int:
     """VirtioDeviceStatus {"statuses": ["VIRTIO_CONFIG_S_X: ...", ...], "unknown-statuses"?: n}."""
     try:
         names = status["statuses"]
-        value = int(status.get("unknown-statuses", 0))
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ProbeFormatError(f"status: bad VirtioDeviceStatus {str(status)[:200]}") from exc
+        # strict: an integer (uint64 bitmap), not a float (Infinity, NaN, 1.5) nor a string
+        value = _int(status.get("unknown-statuses", 0))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        raise ProbeFormatError(f"status: bad VirtioDeviceStatus {short_repr(status)}") from exc
     if not isinstance(names, list):
-        raise ProbeFormatError(f"status: statuses is not a list: {str(names)[:200]}")
+        raise ProbeFormatError(f"status: statuses is not a list: {short_repr(names)}")
     for text in names:
         name = _str(text).split(":", 1)[0].strip()
         bit = STATUS_BITS.get(name)
@@ -155,8 +167,9 @@ def parse_virtio_status(path: str, ret: Any) -> VirtioStatus:
             vm_running=_bool(ret["vm-running"]),
             isr=_int(ret["isr"]),
         )
-    except (KeyError, TypeError) as exc:
-        raise ProbeFormatError(f"x-query-virtio-status: missing {exc} in {str(ret)[:200]}") from exc
+    except (KeyError, TypeError, IndexError) as exc:
+        raise ProbeFormatError(
+            f"x-query-virtio-status: missing {exc} in {short_repr(ret)}") from exc
 
 
 def virtio_status(client: Executor, path: str) -> VirtioStatus:
@@ -242,7 +255,9 @@ def _parse_bar(r: Any) -> PciBar:
     )
 
 
-def _parse_pci_device(d: Any, out: list[PciDevice]) -> None:
+def _parse_pci_device(d: Any, out: list[PciDevice], depth: int = 0) -> None:
+    if depth > MAX_BRIDGE_DEPTH:
+        raise ProbeFormatError(f"query-pci: bridges nested deeper than {MAX_BRIDGE_DEPTH}")
     try:
         ids = d["id"]
         vendor, device = _int(ids["vendor"]), _int(ids["device"])
@@ -262,10 +277,13 @@ def _parse_pci_device(d: Any, out: list[PciDevice]) -> None:
         ))
         bridge = d.get("pci_bridge")
         if bridge is not None:
-            for child in bridge.get("devices", []):
-                _parse_pci_device(child, out)
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ProbeFormatError(f"query-pci: bad device {str(d)[:200]}") from exc
+            children = bridge.get("devices", [])
+            if not isinstance(children, list):
+                raise TypeError("pci_bridge.devices is not a list")
+            for child in children:
+                _parse_pci_device(child, out, depth + 1)
+    except (KeyError, TypeError, AttributeError, IndexError) as exc:
+        raise ProbeFormatError(f"query-pci: bad device {short_repr(d)}") from exc
 
 
 def parse_pci(ret: Any) -> list[PciDevice]:
@@ -276,8 +294,10 @@ def parse_pci(ret: Any) -> list[PciDevice]:
     for bus in ret:
         try:
             devices = bus["devices"]
-        except (KeyError, TypeError) as exc:
-            raise ProbeFormatError(f"query-pci: bad bus {str(bus)[:200]}") from exc
+            if not isinstance(devices, list):
+                raise TypeError("devices is not a list")
+        except (KeyError, TypeError, IndexError) as exc:
+            raise ProbeFormatError(f"query-pci: bad bus {short_repr(bus)}") from exc
         for d in devices:
             _parse_pci_device(d, out)
     return out
@@ -306,6 +326,31 @@ def device_at(devices: list[PciDevice], space: str, addr: int) -> Optional[BarHi
     return None
 
 
+def virtio_at(listed: Iterable[VirtioDevice], pci: Iterable[PciDevice], space: str,
+              addr: int) -> Optional[VirtioDevice]:
+    """The virtio device a guest address (a device's common cfg / I/O base) belongs to.
+
+    PCI: the BAR holding it names the PCI device, whose qdev id names the virtio device
+    (anonymous PCI devices: None). An MMIO address in no PCI BAR (virtio-mmio: QMP has no memory
+    map) is the VM's only non-PCI virtio device if it has exactly one; with none or several, or
+    for an I/O port in no BAR: None. `listed` must be every device x-query-virtio listed."""
+    hit = device_at(list(pci), space, addr)
+    if hit is not None:
+        qid = hit.device.qdev_id
+        if not qid:
+            return None
+        return next((v for v in listed if v.qdev_id == qid), None)
+    if space != Space.MMIO:
+        return None
+    mmio = None
+    for v in listed:
+        if not v.proxied:
+            if mmio is not None:
+                return None         # several virtio-mmio devices: which one is unknowable here
+            mmio = v
+    return mmio
+
+
 def pci_device_for(devices: list[PciDevice], vdev: VirtioDevice) -> Optional[PciDevice]:
     """The PCI proxy of a virtio device, matched on the -device id (anonymous devices: None)."""
     qid = vdev.qdev_id
@@ -329,20 +374,44 @@ class ProbedDevice:
 @dataclass(frozen=True, slots=True)
 class VmProbe:
     qemu_version: Optional[QmpVersion]
-    devices: tuple[ProbedDevice, ...]
+    devices: tuple[ProbedDevice, ...]        # the devices whose status was queried
     pci: tuple[PciDevice, ...]
+    # every device x-query-virtio listed (None: the same as `devices`); more than `devices`
+    # when the probe was targeted or capped
+    listed: Optional[tuple[VirtioDevice, ...]] = None
+
+    @property
+    def virtio(self) -> tuple[VirtioDevice, ...]:
+        return self.listed if self.listed is not None else tuple(d.virtio for d in self.devices)
 
 
-def probe(path: str, timeout: float = DEFAULT_TIMEOUT) -> VmProbe:
-    """One connection: every virtio device's status and the PCI map; closed before returning.
+def probe(path: str, timeout: float = DEFAULT_TIMEOUT, *,
+          budget_s: Optional[float] = DEFAULT_SESSION_S,
+          targets: Optional[Iterable[tuple[str, int]]] = None,
+          max_devices: int = MAX_PROBED_DEVICES) -> VmProbe:
+    """One connection: the PCI map, the virtio device list and device statuses; closed before
+    returning. `targets` ((space, addr) pairs, see `virtio_at`): query the status of the devices
+    at those addresses only; None: of every device. Either way at most `max_devices` statuses,
+    and the whole session within `budget_s` (QmpDeadline otherwise).
     Raises agent.qmp.QmpError (QmpCommandError "CommandNotFound" before QEMU 7.2)."""
-    with QmpClient.connect(path, timeout) as client:
+    with QmpClient.connect(path, timeout, budget_s=budget_s) as client:
         pci = pci_map(client)
-        devices = tuple(
-            ProbedDevice(v, virtio_status(client, v.path), pci_device_for(pci, v))
-            for v in virtio_devices(client)
-        )
-        return VmProbe(client.version, devices, tuple(pci))
+        listed = tuple(virtio_devices(client))
+        if targets is None:
+            wanted: Iterable[VirtioDevice] = listed
+        else:
+            by_path: dict[str, VirtioDevice] = {}
+            for space, addr in targets:
+                v = virtio_at(listed, pci, space, addr)
+                if v is not None:
+                    by_path.setdefault(v.path, v)
+            wanted = by_path.values()
+        devices = []
+        for v in wanted:
+            if len(devices) >= max_devices:
+                break
+            devices.append(ProbedDevice(v, virtio_status(client, v.path), pci_device_for(pci, v)))
+        return VmProbe(client.version, tuple(devices), tuple(pci), listed)
 
 
 # --- rate limiting -----------------------------------------------------------------------------
@@ -394,19 +463,20 @@ class QueryRateLimiter:
 
 def _str(v: Any) -> str:
     if not isinstance(v, str):
-        raise ProbeFormatError(f"expected a string, got {v!r}")
+        raise ProbeFormatError(f"expected a string, got {short_repr(v)}")
     return v
 
 
 def _int(v: Any) -> int:
+    # floats (Infinity, NaN, 1e999, 2.0) are refused, not converted (int(inf): OverflowError)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ProbeFormatError(f"expected an integer, got {v!r}")
+        raise ProbeFormatError(f"expected an integer, got {short_repr(v)}")
     return v
 
 
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
-        raise ProbeFormatError(f"expected a boolean, got {v!r}")
+        raise ProbeFormatError(f"expected a boolean, got {short_repr(v)}")
     return v
 
 
@@ -415,5 +485,5 @@ __all__ = [
     "VirtioStatus", "PciBar", "PciDevice", "BarHit", "QueryRateLimiter", "virtio_type_name",
     "parse_virtio_list", "parse_status_byte", "parse_virtio_status", "parse_pci",
     "virtio_id_from_pci", "virtio_devices", "virtio_status", "pci_map", "device_at",
-    "pci_device_for", "ProbedDevice", "VmProbe", "probe",
+    "virtio_at", "pci_device_for", "ProbedDevice", "VmProbe", "probe", "MAX_PROBED_DEVICES",
 ]

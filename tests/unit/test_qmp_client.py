@@ -48,8 +48,11 @@ class Peer:
                 chunks = self._respond(req)
                 if chunks is None:      # hang up without replying
                     return
-                for chunk in chunks:
-                    conn.sendall(chunk)
+                try:
+                    for chunk in chunks:
+                        conn.sendall(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    return      # the client gave up first (timeout, session limit)
 
     def close(self) -> None:
         self._srv.close()
@@ -265,4 +268,154 @@ def test_long_path_goes_through_an_o_path_descriptor(tmp_path):
     peer = Peer(str(short / "qmp.sock"), replay({"qmp_capabilities": ["qmp_capabilities"]}))
     with qmp.QmpClient.connect(path) as c:
         assert c.version is not None
+    peer.close()
+
+
+# --- the session's overall time limit ----------------------------------------------------------
+
+def slow(delay_s: float) -> Callable[[dict], list[bytes]]:
+    def respond(req: dict) -> list[bytes]:
+        if req["execute"] != "qmp_capabilities":
+            time.sleep(delay_s)
+        return [with_id(recorded(req["execute"] if req["execute"] != "query-status" else "cont"),
+                        req)]
+    return respond
+
+
+def test_session_limit_bounds_many_commands_each_within_its_timeout(sock_path):
+    """0.15 s per reply is far within the 2 s per-command timeout; the session's 0.5 s is not."""
+    peer = Peer(sock_path, slow(0.15))
+    t0 = time.monotonic()
+    with qmp.QmpClient.connect(sock_path, timeout=2.0, budget_s=0.5) as c:
+        with pytest.raises(qmp.QmpDeadline):
+            for _ in range(20):
+                c.execute("cont")
+        assert time.monotonic() - t0 < 1.0
+        sent = len(peer.requests)
+        # once the limit has passed nothing more is sent
+        with pytest.raises(qmp.QmpDeadline, match="has passed"):
+            c.execute("cont")
+        assert len(peer.requests) == sent and c.time_left() < 0
+    assert 3 <= sent <= 6
+    assert issubclass(qmp.QmpDeadline, qmp.QmpTimeout)
+    peer.close()
+
+
+def test_session_limit_covers_the_greeting(sock_path):
+    peer = Peer(sock_path, lambda req: [], greeting=b"")
+    t0 = time.monotonic()
+    with pytest.raises(qmp.QmpDeadline):
+        qmp.QmpClient.connect(sock_path, timeout=2.0, budget_s=0.2)
+    assert time.monotonic() - t0 < 1.0
+    peer.close()
+
+
+def test_per_command_timeout_is_still_a_plain_timeout(sock_path):
+    peer = Peer(sock_path, slow(0.5))
+    with qmp.QmpClient.connect(sock_path, timeout=2.0, budget_s=5.0) as c:
+        with pytest.raises(qmp.QmpTimeout) as ei:
+            c.execute("cont", timeout=0.1)
+    assert not isinstance(ei.value, qmp.QmpDeadline)
+    peer.close()
+
+
+def test_session_limit_default_and_validation(sock_path):
+    peer = Peer(sock_path, replay({"qmp_capabilities": ["qmp_capabilities"]}))
+    t0 = time.monotonic()
+    with qmp.QmpClient.connect(sock_path) as c:
+        assert c.deadline is not None
+        limit = qmp.DEFAULT_SESSION_S
+        assert t0 + limit - 0.5 < c.deadline <= time.monotonic() + limit
+    peer.close()
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError):
+            qmp.QmpClient.connect(sock_path, budget_s=bad)
+
+
+def test_no_session_limit_when_asked(sock_path):
+    peer = Peer(sock_path, replay({"qmp_capabilities": ["qmp_capabilities"], "cont": ["cont"]}))
+    with qmp.QmpClient.connect(sock_path, budget_s=None) as c:
+        assert c.deadline is None and c.time_left() is None
+        assert c.execute("cont") == {}
+    peer.close()
+
+
+# --- garbage from the peer stays inside the module's error types ------------------------------
+
+def deep(n: int) -> bytes:
+    return b"[" * n + b"]" * n
+
+
+@pytest.mark.parametrize("greeting", [
+    deep(100_000) + b"\r\n",                                           # RecursionError in json
+    b'{"QMP": ' + deep(5000) + b"}\r\n",
+    b'{"QMP": {"version": {"qemu": {"major": Infinity, "minor": 2, "micro": 0}}}}\r\n',
+    b'{"QMP": {"version": {"qemu": {"major": NaN, "minor": 2, "micro": 0}}}}\r\n',
+    b'{"QMP": {"version": {"qemu": {"major": 7.5, "minor": 2, "micro": 0}}}}\r\n',
+    b'{"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": []}}}\r\n',
+    b'{"QMP": {"version": []}}\r\n',
+])
+def test_garbage_greeting_is_a_protocol_error(sock_path, greeting):
+    peer = Peer(sock_path, lambda req: [], greeting=greeting)
+    with pytest.raises(qmp.QmpProtocolError):
+        qmp.QmpClient.connect(sock_path, timeout=1.0)
+    peer.close()
+
+
+def nested(n: int):
+    x: list = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+@pytest.mark.parametrize("reply", [
+    deep(100_000) + b"\r\n",
+    b'{"return": ' + deep(100_000) + b', "id": "vra-2"}\r\n',
+])
+def test_deeply_nested_reply_is_a_protocol_error(sock_path, reply):
+    def respond(req):
+        if req["execute"] == "cont":
+            return [reply]
+        return [with_id(recorded(req["execute"]), req)]
+    peer = Peer(sock_path, respond)
+    with qmp.QmpClient.connect(sock_path) as c:
+        with pytest.raises(qmp.QmpProtocolError, match="nested too deeply"):
+            c.execute("cont")
+    peer.close()
+
+
+def test_nested_values_in_messages_are_shown_bounded():
+    """Error messages describe peer data with short_repr: never RecursionError, never huge."""
+    x = nested(100_000)
+    with pytest.raises(RecursionError):
+        repr(x)
+    assert len(qmp.short_repr(x)) <= 300
+    assert len(qmp.short_repr("a" * 10_000)) <= 300
+    with pytest.raises(qmp.QmpProtocolError):
+        qmp.parse_greeting({"QMP": x})
+    with pytest.raises(qmp.QmpProtocolError):
+        qmp.parse_greeting({"QMP": {"version": {"qemu": {"major": float("inf"), "minor": 1,
+                                                         "micro": 0}}}})
+
+
+def test_odd_id_and_error_fields_are_typed_errors(sock_path):
+    def respond(req):
+        if req["execute"] == "cont":
+            return [json.dumps({"return": {}, "id": {"a": [[["x"] * 50]]}}).encode() + b"\r\n"]
+        if req["execute"] == "stop":
+            return [json.dumps({"error": {"class": [1, 2], "desc": {"d": 1}},
+                                "id": req["id"]}).encode() + b"\r\n"]
+        return [with_id(recorded(req["execute"]), req)]
+    peer = Peer(sock_path, respond)
+    with qmp.QmpClient.connect(sock_path) as c:
+        with pytest.raises(qmp.QmpProtocolError, match="unexpected id"):
+            c.execute("cont")
+    peer.close()
+    os.unlink(sock_path)
+    peer = Peer(sock_path, respond)
+    with qmp.QmpClient.connect(sock_path) as c:
+        with pytest.raises(qmp.QmpCommandError) as ei:
+            c.execute("stop")
+    assert ei.value.error_class == "[1, 2]" and ei.value.desc == "{'d': 1}"
     peer.close()

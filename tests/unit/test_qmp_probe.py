@@ -10,9 +10,9 @@ from hypothesis import given, strategies as st
 
 from agent.events import DEVICE_NEEDS_RESET, Space
 from agent.vmm_probe import (
-    STATUS_BITS, ProbeFormatError, QueryRateLimiter, VirtioDevice, device_at, parse_pci,
-    parse_status_byte, parse_virtio_list, parse_virtio_status, pci_device_for, virtio_id_from_pci,
-    virtio_type_name,
+    MAX_BRIDGE_DEPTH, STATUS_BITS, ProbeFormatError, QueryRateLimiter, VirtioDevice, device_at,
+    parse_pci, parse_status_byte, parse_virtio_list, parse_virtio_status, pci_device_for,
+    virtio_at, virtio_id_from_pci, virtio_type_name,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures" / "qmp"
@@ -320,3 +320,93 @@ def test_rate_limiter_forget_and_validation():
         QueryRateLimiter(0)
     with pytest.raises(ValueError):
         QueryRateLimiter(1, max_entries=0)
+
+
+# --- garbage replies stay ProbeFormatError ----------------------------------------------------
+
+def _nested(n: int):
+    x: list = []
+    for _ in range(n):
+        x = [x]
+    return x
+
+
+@pytest.mark.parametrize("raw", [
+    '{"statuses": [], "unknown-statuses": Infinity}',
+    '{"statuses": [], "unknown-statuses": -Infinity}',
+    '{"statuses": [], "unknown-statuses": NaN}',
+    '{"statuses": [], "unknown-statuses": 1e999}',
+    '{"statuses": [], "unknown-statuses": 2.0}',
+    '{"statuses": [], "unknown-statuses": "3"}',
+    '{"statuses": [], "unknown-statuses": true}',
+])
+def test_non_integer_unknown_statuses_is_a_format_error(raw):
+    """json.loads accepts Infinity/NaN; int(inf) would raise OverflowError."""
+    with pytest.raises(ProbeFormatError):
+        parse_status_byte(json.loads(raw))
+
+
+@pytest.mark.parametrize("field", ["device-id", "isr"])
+def test_infinite_number_fields_are_format_errors(field):
+    r = dict(ret("x-query-virtio-status.net0"), **{field: float("inf")})
+    with pytest.raises(ProbeFormatError):
+        parse_virtio_status("/p", r)
+
+
+def test_deeply_nested_values_are_format_errors():
+    """Error messages must not repr() peer data whole: a deep value raises RecursionError."""
+    deep = _nested(100_000)
+    with pytest.raises(ProbeFormatError):
+        parse_virtio_list([deep])
+    with pytest.raises(ProbeFormatError):
+        parse_virtio_list([{"path": deep, "name": "x"}])
+    with pytest.raises(ProbeFormatError):
+        parse_status_byte({"statuses": deep})
+    with pytest.raises(ProbeFormatError):
+        parse_status_byte({"statuses": [], "unknown-statuses": deep})
+    with pytest.raises(ProbeFormatError):
+        parse_virtio_status("/p", dict(ret("x-query-virtio-status.net0"), name=deep))
+    with pytest.raises(ProbeFormatError):
+        parse_virtio_status("/p", deep)
+    with pytest.raises(ProbeFormatError):
+        parse_pci([deep])
+    with pytest.raises(ProbeFormatError):
+        parse_pci([{"bus": 0, "devices": [deep]}])
+
+
+def test_bridges_nested_too_deeply_are_a_format_error():
+    good = ret("query-pci")
+    leaf = json.loads(json.dumps(good[0]["devices"][0]))
+    dev = leaf
+    for _ in range(MAX_BRIDGE_DEPTH + 5):
+        dev = dict(leaf, pci_bridge={"bus": {}, "devices": [dev]})
+    with pytest.raises(ProbeFormatError, match="nested deeper"):
+        parse_pci([{"bus": 0, "devices": [dev]}])
+    with pytest.raises(ProbeFormatError):
+        parse_pci([{"bus": 0, "devices": [dict(leaf, pci_bridge={"devices": 5})]}])
+
+
+# --- which virtio device an address is ----------------------------------------------------------
+
+def test_proxied_tells_virtio_pci_from_virtio_mmio():
+    assert all(d.proxied for d in parse_virtio_list(ret("x-query-virtio")))   # anon one too
+    assert not any(d.proxied for d in parse_virtio_list(ret("x-query-virtio.microvm")))
+
+
+def test_virtio_at_pci_and_mmio():
+    pci = parse_pci(ret("query-pci"))
+    listed = parse_virtio_list(ret("x-query-virtio"))
+    regions = _mtree_common_regions()
+    for start, vtype in regions:
+        v = virtio_at(listed, pci, Space.MMIO, start)
+        if v is None:                      # the anonymous device: not linked by qdev id
+            assert vtype == "balloon"
+        else:
+            assert v.name == f"virtio-{vtype}"
+    # no PCI BAR holds it and no virtio-mmio device: nothing (the anonymous PCI one is not mmio)
+    assert virtio_at(listed, pci, Space.MMIO, 0xFEB00000) is None
+    micro = parse_virtio_list(ret("x-query-virtio.microvm"))
+    assert virtio_at(micro, [], Space.MMIO, 0xFEB00000) is None          # two mmio devices
+    assert virtio_at(micro[:1], [], Space.MMIO, 0xFEB00000) == micro[0]  # exactly one
+    assert virtio_at(micro[:1] + listed, pci, Space.MMIO, 0xFEB00000) == micro[0]
+    assert virtio_at(micro[:1], [], Space.PIO, 0xC000) is None
