@@ -182,26 +182,35 @@ class BackendResolver:
             self.qmp_errors += 1
             log.debug("QMP for pid %s not usable: %s", pid, exc)
             client = None
+        qmp_reason = ""
         if client is not None:
             try:
                 with client:
-                    return qmp_attribution(client, device, dev_type, taps)
+                    attr, qmp_reason = qmp_attribution(client, device, dev_type, taps)
+                if attr is not None or qmp_reason != "no_backend":
+                    return attr, qmp_reason
+                # the NIC's netdev names no tap QEMU opened or was given (-netdev bridge: the
+                # helper's fd): the single-tap rule may still place it
             except Exception as exc:
                 self.qmp_errors += 1
                 log.debug("QMP attribution for pid %s failed: %s", pid, exc)
         attr = single_tap_rule(dev_type, vm_devices, vm_net_devices, taps, detached, argv)
         if attr is not None:
             return attr, ""
+        if qmp_reason:
+            return None, qmp_reason
         return None, "unmatched" if dev_type in ("net", "unknown") else "not_net"
 
 
 # --- the tracker ---------------------------------------------------------------------------
 
-EpisodeKey = tuple[tuple[int, int], str, int]
+EpisodeKey = tuple[int, str, int]
 
 
 def episode_key(ep: Episode) -> EpisodeKey:
-    return (ep.vm.key, ep.device, ep.start_ns)
+    # the pid, not the VM's (pid, start time) key: a VM first seen before it was identified
+    # changes key mid-episode; two processes never share a pid and an episode start
+    return (ep.vm.pid, ep.device, ep.start_ns)
 
 
 class _Counts:
@@ -231,7 +240,7 @@ class NetOutageTracker:
         self.resolver = resolver or BackendResolver(self.meter.tapmap)
         self.max_series = max_series
         self._lock = threading.Lock()
-        self._seen: collections.OrderedDict[EpisodeKey, None] = collections.OrderedDict()
+        self._seen: dict[EpisodeKey, None] = {}     # episodes open at the last pending()
         self._metering: dict[EpisodeKey, Attribution] = {}
         self._unmeasured_eps: dict[EpisodeKey, str] = {}   # reason, for the episode log
         # (vm name, namespace, device) -> ifname -> counts; (vm key, device) -> ifname
@@ -264,18 +273,20 @@ class NetOutageTracker:
         its VM). Also forgets the series of devices the correlator dropped and discards meters
         of episodes that vanished without ending (device evicted)."""
         fresh = []
-        open_keys = set()
+        open_keys, not_net = set(), set()
         for d in snap.devices:
             ep = d.open_episode
-            if ep is None or d.exited or d.type not in ("net", "unknown"):
+            if ep is None or d.exited:
                 continue
             key = episode_key(ep)
+            if d.type not in ("net", "unknown"):
+                not_net.add(key)        # e.g. typed by query-pci meanwhile: not an outage
+                continue
             open_keys.add(key)
             if key not in self._seen:
-                self._seen[key] = None
-                while len(self._seen) > self.max_series:
-                    self._seen.popitem(last=False)
                 fresh.append(ep)
+        # remembered: the open episodes only (bounded by the devices tracked)
+        self._seen = dict.fromkeys(open_keys)
         out = []
         if fresh:
             devices: collections.Counter = collections.Counter()
@@ -287,7 +298,8 @@ class NetOutageTracker:
         for key in [k for k in self._metering if k not in open_keys]:
             del self._metering[key]
             self.meter.discard(key)
-            self._count("missed")
+            if key not in not_net:
+                self._count("missed")
         if self._ifnames or self._series:       # usually empty: no set building per tick
             live = {(d.vm.key, d.device) for d in snap.devices}
             labels_live = {(d.vm.name or f"pid-{d.vm.pid}", d.vm.namespace, d.device)
@@ -356,15 +368,18 @@ class NetOutageTracker:
                 self._count("missed")
                 reason = "missed"
             return None if reason is None else {"measured": False, "reason": reason}
+        before = self._meter_counts()
         try:
             impacts = self.meter.end(key)
         except Exception:
             log.exception("ending the meter of %s of pid %s failed", ep.device, ep.vm.pid)
             self._count("error")
             return {"measured": False, "reason": "error"}
+        after = self._meter_counts()
         self._sync_meter_counts()
+        lost = sorted(k for k in after if after[k] > before[k])   # gone / inconsistent
         if not impacts:
-            return {"measured": False, "reason": "gone"}
+            return {"measured": False, "reason": lost[0] if lost else "gone"}
         labels = (ep.vm.name or f"pid-{ep.vm.pid}", ep.vm.namespace, ep.device)
         dropped_total = 0
         interfaces = []
@@ -372,6 +387,10 @@ class NetOutageTracker:
             per_if = self._series.get(labels)
             if per_if is None and len(self._series) < self.max_series:
                 per_if = self._series[labels] = {}
+            if per_if is not None:
+                # a restarted VM keeps its labels but gets new taps: older ones' series go
+                for stale in set(per_if) - {imp.ifname for imp in impacts}:
+                    del per_if[stale]
             for imp in impacts:
                 dropped = imp.toward_guest_dropped or 0
                 packets, nbytes = _toward_guest(imp)
@@ -383,8 +402,11 @@ class NetOutageTracker:
                     c.bytes += nbytes
                 interfaces.append(impact_record(imp))
             self._hist.observe(dropped_total)
-        return {"measured": True, "attribution": attr.how, "dropped_packets": dropped_total,
-                "interfaces": interfaces}
+        record = {"measured": True, "attribution": attr.how, "dropped_packets": dropped_total,
+                  "interfaces": interfaces}
+        if lost:
+            record["partial"] = lost      # some interfaces could not be measured (why)
+        return record
 
     def close(self) -> None:
         self.meter.close()
@@ -429,6 +451,90 @@ class NetOutageTracker:
                 unmeasured.add_metric([reason], self.unmeasured[reason])
             open_.add_metric([], len(self._metering))
         return [dropped, packets, nbytes, hist, unmeasured, open_]
+
+
+class NetOutageWorker:
+    """Runs a NetOutageTracker off the agent loop, which must keep draining the ring buffer:
+    /proc, netlink (in the VMM's network namespace) and QMP (a busy or hostile monitor) can
+    take seconds. One thread runs the jobs in the order they came: `tick(snapshot)` meters the
+    episodes that opened (ticks in a row coalesce: only the newest snapshot matters),
+    `ended(output)` ends the meter and then writes the episode-log line with `write(output,
+    net)`. Jobs are bounded (`max_jobs`): beyond it, a line is written at once, unmeasured."""
+
+    def __init__(self, tracker: NetOutageTracker,
+                 write: Callable[[Any, Optional[dict[str, Any]]], None], max_jobs: int = 10_000):
+        self.tracker = tracker
+        self._write = write
+        self.max_jobs = max_jobs
+        self._jobs: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="net-outage", daemon=True)
+        self._thread.start()
+
+    def tick(self, snap: Snapshot) -> None:
+        with self._cond:
+            if self._jobs and self._jobs[-1][0] == "tick":
+                self._jobs[-1] = ("tick", snap)
+            elif len(self._jobs) < self.max_jobs:
+                self._jobs.append(("tick", snap))
+            self._cond.notify()
+
+    def ended(self, output) -> None:
+        """Write `output`'s line (an EpisodeEnded) with its network impact, in the background."""
+        with self._cond:
+            queued = len(self._jobs) < self.max_jobs and not self._closing
+            if queued:
+                self._jobs.append(("ended", output))
+                self._cond.notify()
+        if not queued:
+            net = None
+            if output.episode.type == "net":
+                self.tracker._count("missed")
+                net = {"measured": False, "reason": "missed"}
+            self._write(output, net)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closing:
+                    self._cond.wait()
+                if not self._jobs:
+                    return
+                kind, arg = self._jobs.popleft()
+            net = None
+            try:
+                if kind == "tick":
+                    for ep, n_devices, n_net in self.tracker.pending(arg):
+                        self.tracker.start(ep, n_devices, n_net)
+                else:
+                    net = self.tracker.end(arg.episode)
+            except Exception:
+                self.tracker._count("error")
+                log.exception("network impact job %s failed", kind)
+            if kind == "ended":
+                try:
+                    self._write(arg, net)
+                except Exception:
+                    log.exception("writing the episode line of %s failed", arg.episode.device)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Finish the queued jobs (their lines are written), then release the meters."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            with self._cond:
+                left, self._jobs = list(self._jobs), collections.deque()
+            ended = [arg for kind, arg in left if kind == "ended"]
+            log.warning("network impact jobs still running after %.0f s: %d episode lines "
+                        "written unmeasured", timeout_s, len(ended))
+            for out in ended:
+                self._write(out, {"measured": False, "reason": "missed"}
+                            if out.episode.type == "net" else None)
+            return
+        self.tracker.close()
 
 
 def impact_record(imp: OutageImpact) -> dict[str, Any]:

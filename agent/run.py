@@ -236,8 +236,10 @@ class Agent:
         self.state_file = state_file
         self._saved_changes = -1
         self.restored: dict[str, int] = {"vms": 0, "devices": 0, "episodes": 0}
-        # net_outage: agent.net_outage.NetOutageTracker (virtio-net backends' drops) or None
+        # net_outage: agent.net_outage.NetOutageTracker (virtio-net backends' drops) or None;
+        # it runs on its own thread (NetOutageWorker), which also writes ended episodes' lines
         self.net_outage = net_outage
+        self.net_worker = None
         self.capture = capture
         self.correlator = correlator
         self.identify = identify
@@ -259,6 +261,10 @@ class Agent:
             ifname_fn=(lambda vm, device: net_outage.ifname(vm.key, device))
             if net_outage is not None else None,
             extra_families_fn=net_outage.families if net_outage is not None else None)
+        if net_outage is not None:
+            from agent.net_outage import NetOutageWorker
+
+            self.net_worker = NetOutageWorker(net_outage, self._write_line)
 
     # called from the HTTP thread
     def snapshot(self) -> Optional[Snapshot]:
@@ -315,44 +321,48 @@ class Agent:
             if self.confirmer is not None:
                 self._confirmations()
             if self.pci_typer is not None:
-                for h in self.pci_typer.poll():
-                    self.correlator.annotate_device(h.pid, h.space, h.addr, h.type)
+                self._pci_types()
             if self._restored:
                 self._check_restored(now)
-            net_starts = self._net_pending(now)
+            snap = None
+            if self.net_worker is not None and self._last_tick_ns == now:
+                try:
+                    snap = self.correlator.snapshot(now)
+                except Exception:
+                    self.counters.output_errors += 1
+                    log.exception("the snapshot for the network worker failed")
             state = self._state_to_save(now)
             self.counters.loops += 1
             self.counters.last_loop_monotonic = time.monotonic()
-        # outside the lock: /proc, netlink and maybe QMP (a scrape must not wait for them)
-        for ep, n_devices, n_net in net_starts:
-            try:
-                self.net_outage.start(ep, n_devices, n_net)
-            except Exception:
-                self.counters.output_errors += 1
-                log.exception("metering the network impact of %s failed", ep.device)
         if state is not None:
             self._save(state)
         self._log_episodes()
+        if snap is not None:
+            # after this step's ended episodes: the snapshot no longer shows them open, and
+            # their meters must end, not be dropped as vanished
+            self.net_worker.tick(snap)
         return len(events)
 
     def _log_episodes(self) -> None:
         """Episode-log lines, after the state that has these episodes ended or stuck is saved
-        (a killed agent's successor does not report them again), with the network impact of
-        ended ones: its end snapshot reads netlink and /proc, so it is taken outside the lock
-        (a scrape never waits)."""
+        (a killed agent's successor does not report them again). Ended ones go through the
+        network worker, which adds their network impact."""
         with self._lock:
             lines, self._to_log = self._to_log, []
         for out in lines:
-            net = None
-            if isinstance(out, EpisodeEnded) and self.net_outage is not None:
-                try:
-                    net = self.net_outage.end(out.episode)
-                except Exception:
-                    self.counters.output_errors += 1
-                    log.exception("metering the network impact of %s failed",
-                                  out.episode.device)
-            if self.episode_log is not None:
-                self.episode_log.write(out, net=net)
+            if isinstance(out, EpisodeEnded) and self.net_worker is not None:
+                self.net_worker.ended(out)
+            else:
+                self._write_line(out, None)
+
+    def _write_line(self, out, net) -> None:
+        if self.episode_log is not None:
+            self.episode_log.write(out, net=net)
+
+    def close(self) -> None:
+        """After save_state: finish the network jobs (writing their lines)."""
+        if self.net_worker is not None:
+            self.net_worker.close()
 
     # -- the state file (restarts) -------------------------------------------------------------
 
@@ -445,17 +455,6 @@ class Agent:
             self._save(state)
         self._log_episodes()
 
-    def _net_pending(self, now: int) -> list:
-        """Newly opened episodes whose network impact to meter (at tick time only)."""
-        if self.net_outage is None or self._last_tick_ns != now:
-            return []
-        try:
-            return self.net_outage.pending(self.correlator.snapshot(now))
-        except Exception:
-            self.counters.output_errors += 1
-            log.exception("finding virtio-net episodes to meter failed")
-            return []
-
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.step()
@@ -506,6 +505,14 @@ class Agent:
                 log.exception("applying the VMM verdict for %s failed", v.device)
                 continue
             self._apply(outputs)
+
+    def _pci_types(self) -> None:
+        for h in self.pci_typer.poll():
+            try:
+                self.correlator.annotate_device(h.pid, h.space, h.addr, h.type)
+            except Exception:
+                self.counters.correlation_errors += 1
+                log.exception("applying the PCI type of %s failed", h)
 
     def _remember(self, pid: int) -> None:
         self._seen[pid] = None
@@ -739,6 +746,7 @@ def main(args: argparse.Namespace) -> int:
                 agent.save_state()
             except Exception:
                 log.exception("saving the state at shutdown failed")
+            agent.close()
             try:
                 agent.capture.close()
             except Exception:

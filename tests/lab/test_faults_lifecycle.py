@@ -10,6 +10,7 @@ series go at once (the retention itself is correlation's and export's to test).
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -197,6 +198,16 @@ def _restart(agent: AgentProcess, vm: str, how=signal.SIGKILL) -> AgentProcess:
                         state_file=agent.state_file).start()
 
 
+def saved_open_episodes(path: str) -> int:
+    """Open episodes in an agent's state file (saved at most once a second)."""
+    try:
+        with open(path) as f:
+            state = json.load(f)["state"]
+    except (OSError, ValueError):
+        return 0
+    return sum("episode" in d for vm in state["vms"] for d in vm["devices"])
+
+
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_agent_restart_while_the_guest_is_in_needs_reset_then_recovers(bpf, kvm, how):
     """The guest saw 0x40 and recovers 4 s later; the agent is killed (SIGKILL: no goodbye;
@@ -215,7 +226,8 @@ def test_agent_restart_while_the_guest_is_in_needs_reset_then_recovers(bpf, kvm,
         try:
             start_ns = wait_until("the old agent's open episode",
                                   lambda: open_episode_start_ns(old, name))
-            time.sleep(0.3)                                   # a tick saved it
+            wait_until("the open episode in the old agent's state file",
+                       lambda: saved_open_episodes(old.state_file), timeout_s=3)
             new = _restart(old, name, how)
             ready_ns = time.monotonic_ns()
             # the new agent was watching before the guest's reset (episode start + delay)

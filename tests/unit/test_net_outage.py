@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -139,3 +140,167 @@ def test_tracker_families_are_valid_and_bounded_label_sets():
 def test_tracker_rejects_a_bad_bound():
     with pytest.raises(ValueError):
         NetOutageTracker(max_series=0)
+
+
+# --- the worker: the tracker off the agent loop ------------------------------------------------
+
+class BlockingTracker:
+    """A tracker whose start() waits for the test; records what ran, in order."""
+
+    def __init__(self):
+        import threading
+
+        self.release = threading.Event()
+        self.ran: list = []
+        self.counted: list[str] = []
+        self.closed = False
+
+    def pending(self, snap):
+        self.ran.append(("pending", snap.now_ns))
+        return [(d.open_episode, 1, 1) for d in snap.devices if d.open_episode is not None]
+
+    def start(self, ep, n_devices, n_net):
+        self.release.wait(10)
+        self.ran.append(("start", ep.device))
+
+    def end(self, ep):
+        self.ran.append(("end", ep.device))
+        return {"measured": True, "dropped_packets": 3}
+
+    def _count(self, reason):
+        self.counted.append(reason)
+
+    def close(self):
+        self.closed = True
+
+    def wait_started(self):
+        """Until the worker has taken the first tick (it then blocks in start())."""
+        for _ in range(1000):
+            if self.ran:
+                return
+            time.sleep(0.01)
+        raise AssertionError("the worker never ran")
+
+
+def test_the_worker_keeps_the_loop_free_and_writes_lines_in_order():
+    from agent.net_outage import NetOutageWorker
+
+    t, lines = BlockingTracker(), []
+    w = NetOutageWorker(t, lambda out, net: lines.append((out.episode.device, net)))
+    ep = episode()
+    w.tick(snapshot(view(ep)))              # start() blocks in the worker...
+    t.wait_started()
+    for now in (3000, 4000, 5000):          # ...the loop goes on; these ticks coalesce
+        w.tick(Snapshot(now_ns=now, devices=[], violations={}, episodes_ended={}, vms=1,
+                        evictions={}))
+    w.ended(EpisodeEnded(ep))
+    assert lines == [] and t.ran == [("pending", 2000)]
+    t.release.set()
+    w.close()
+    assert t.ran == [("pending", 2000), ("start", ep.device), ("pending", 5000),
+                     ("end", ep.device)]
+    assert lines == [(ep.device, {"measured": True, "dropped_packets": 3})] and t.closed
+
+
+def test_the_worker_never_loses_a_line_when_full_or_stuck():
+    from agent.net_outage import NetOutageWorker
+
+    t, lines = BlockingTracker(), []
+    w = NetOutageWorker(t, lambda out, net: lines.append((out.episode.device, net)), max_jobs=2)
+    ep1, ep2, ep3 = (episode(device=f"pci-0000:00:0{i}.0", start=i) for i in (3, 4, 5))
+    w.tick(snapshot(view(ep1)))             # taken by the worker, which blocks in start()
+    t.wait_started()
+    w.ended(EpisodeEnded(ep1))
+    w.ended(EpisodeEnded(ep2))
+    w.ended(EpisodeEnded(ep3))              # beyond max_jobs: written at once, unmeasured
+    assert lines == [(ep3.device, {"measured": False, "reason": "missed"})]
+    assert t.counted == ["missed"]
+    w.close(timeout_s=0.2)                  # still blocked: the queued lines go out unmeasured
+    assert lines[1:] == [(ep1.device, {"measured": False, "reason": "missed"}),
+                         (ep2.device, {"measured": False, "reason": "missed"})]
+    assert not t.closed                     # its meters are still in use
+    t.release.set()
+
+
+class FakeMeter:
+    """OutageMeter's interface; each episode's interfaces are given by the test."""
+
+    def __init__(self):
+        self.max_open = 16
+        self.no_backend = self.refused = self.gone = self.inconsistent = 0
+        self.open: dict = {}
+        self.next_ifnames: list[str] = []
+        self.lose = 0                       # interfaces gone at the next end()
+
+    def start(self, key, pid, ifnames):
+        self.open[key] = sorted(ifnames)
+        return len(ifnames)
+
+    def end(self, key):
+        from agent.netbackend import OutageImpact
+
+        names = self.open.pop(key)
+        self.gone += self.lose
+        names = names[self.lose:]
+        self.lose = 0
+        return [OutageImpact(n, 1, "tap", 0.5, tx_dropped=2, tx_packets=5, tx_bytes=500,
+                             tx_errors=0, rx_dropped=0, rx_packets=0, rx_bytes=0, rx_errors=0)
+                for n in names]
+
+    def discard(self, key):
+        self.open.pop(key, None)
+
+    def close(self):
+        pass
+
+
+class FakeResolver:
+    def __init__(self):
+        self.ifnames = ["vnet0"]
+
+    def resolve(self, pid, device, dev_type, vm_devices, vm_net_devices):
+        from agent.net_outage import Attribution
+
+        return Attribution(frozenset(self.ifnames), How.QMP), ""
+
+
+def _series(t: NetOutageTracker) -> list[tuple]:
+    return sorted((s.labels["ifname"], s.value) for fam in t.families() for s in fam.samples
+                  if s.name == "virtio_net_outage_dropped_packets_total")
+
+
+def test_a_restarted_vm_on_a_new_tap_leaves_no_series_of_the_old_one():
+    meter, resolver = FakeMeter(), FakeResolver()
+    t = NetOutageTracker(meter=meter, resolver=resolver)
+    for i, tap in enumerate(("vnet0", "vnet1", "vnet2")):    # same VM labels, a new tap each
+        resolver.ifnames = [tap]
+        ep = episode(start=1000 + i)
+        for p in t.pending(snapshot(view(ep))):
+            t.start(*p)
+        assert t.end(ep)["dropped_packets"] == 2
+    assert _series(t) == [("vnet2", 2.0)]
+
+
+def test_an_episode_typed_away_from_net_is_not_missed_and_lost_interfaces_are_said():
+    meter, resolver = FakeMeter(), FakeResolver()
+    t = NetOutageTracker(meter=meter, resolver=resolver)
+    ep = episode(type_="unknown")
+    for p in t.pending(snapshot(view(ep, type_="unknown"))):
+        t.start(*p)
+    assert len(meter.open) == 1
+    t.pending(snapshot(view(ep, type_="rng")))        # query-pci said rng: not an outage
+    assert meter.open == {} and t.unmeasured["missed"] == 0
+    assert t.end(ep) is None
+
+    resolver.ifnames = ["vnet0", "vnet1"]
+    ep2 = episode(start=2000)
+    for p in t.pending(snapshot(view(ep2))):
+        t.start(*p)
+    meter.lose = 1
+    rec = t.end(ep2)
+    assert rec["measured"] and rec["partial"] == ["gone"] and t.unmeasured["gone"] == 1
+    ep3 = episode(start=3000)
+    for p in t.pending(snapshot(view(ep3))):
+        t.start(*p)
+    meter.lose = 2
+    assert t.end(ep3) == {"measured": False, "reason": "gone"}
