@@ -392,6 +392,10 @@ class Agent:
             snap = self.correlator.snapshot(time.monotonic_ns())
             self.restored = {"vms": snap.vms, "devices": len(snap.devices),
                              "episodes": sum(d.open_episode is not None for d in snap.devices)}
+            # episodes of VMs gone meanwhile: saved as ended before their lines are written
+            state = self._state_to_save(time.monotonic_ns()) if self._to_log else None
+        if state is not None:
+            self._save(state)
         self._log_episodes()
         gone = sum(isinstance(o, EpisodeEnded) for o in outputs)
         log.info("restored from %s: %d VMs, %d devices, %d open episodes; %d episodes of VMs "

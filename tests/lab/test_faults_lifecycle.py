@@ -210,14 +210,14 @@ def saved_open_episodes(path: str) -> int:
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
 def test_agent_restart_while_the_guest_is_in_needs_reset_then_recovers(bpf, kvm, how):
-    """The guest saw 0x40 and recovers 4 s later; the agent is killed (SIGKILL: no goodbye;
+    """The guest saw 0x40 and recovers 10 s later; the agent is killed (SIGKILL: no goodbye;
     SIGTERM: a rolling update) and restarted in between. The new agent measures that episode
     from its real start, within the usual tolerance of the guest's own figure, and logs it once
     (resumed); the guest's next episode is measured as usual."""
     from lab.harness import GuestSpec, LabVM
 
     name = RUN + f"restart-recover-{how.name.lower()}"
-    delay_ms = 4000
+    delay_ms = 10000     # the old agent saves, stops; the new one compiles (2 s here) and restores
     old = AgentProcess(stuck_after_s=30, extra_args=AGENT_ARGS).start()
     new = None
     try:

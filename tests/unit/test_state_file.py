@@ -238,3 +238,19 @@ def test_hostile_state_files_are_ignored(tmp_path, caplog):
     agent = run.Agent(ScriptedSource([]), Correlator(), lambda pid: None, state_file=sf)
     agent.restore()
     assert agent.restored["vms"] == 1
+
+
+def test_episodes_ended_at_the_restore_are_saved_ended_before_their_lines(tmp_path):
+    import shutil
+
+    from agent.episode_log import read_records
+
+    agent_with, _, proc = _two_agents(tmp_path, "needs_reset")
+    shutil.rmtree(proc / "4242")        # the VM exited while no agent ran
+    log2 = io.StringIO()
+    a2, sf2 = agent_with([], log2)
+    sf2.close()
+    (rec,) = read_records(log2.getvalue().splitlines())
+    assert rec["outcome"] == "abandoned"
+    saved = json.loads((tmp_path / "state.json").read_text())["state"]
+    assert saved["vms"] == []
