@@ -74,41 +74,58 @@ def test_process_alive_needs_the_same_start_time(tmp_path):
     assert not process_alive(VmIdentity(4242, 0, "pid-4242"), proc)
 
 
-def test_the_loop_hands_an_open_episode_to_the_next_agent(tmp_path):
-    """Agent 1 sees the NEEDS_RESET and stops (save_state, as at SIGTERM); agent 2 starts from
-    the file and sees the recovery: one `recovered` line, with agent 1's start."""
-    from agent.correlate import Correlator, CorrelatorConfig
-    from agent.episode_log import EpisodeLog, read_records
-    from agent.events import VmStarted
-    from tests.unit.test_correlate_guestscript import Script
-    from tests.unit.test_run_cli import ScriptedSource
+class Scripted:
+    """One VM whose device needs a reset and recovers (the guest script records the truth),
+    and agents on one state file over a fixture /proc that each see a slice of its events."""
 
-    s = Script(t0=time.monotonic_ns())
-    dev = s.vm(4242, "lab-vm", start_time=777).device(vector=0x31)
-    dev.init()
-    truth = dev.needs_reset()
-    split = len(s.events)
-    dev.recover()
-    started = next(e for e in s.events if isinstance(e, VmStarted))
-    cfg = CorrelatorConfig(hints=(dev.hint(),), reorder_window_ns=0)
-    proc = fake_proc(tmp_path, procs=((4242, 777),))
-    path = str(tmp_path / "state.json")
+    def __init__(self, tmp_path):
+        from agent.correlate import CorrelatorConfig
+        from agent.events import VmStarted
+        from tests.unit.test_correlate_guestscript import Script
 
-    def agent_with(events, stream):
-        sf = StateFile(path, proc_root=proc)
+        s = Script(t0=time.monotonic_ns())
+        self.dev = s.vm(4242, "lab-vm", start_time=777).device(vector=0x31)
+        self.dev.init()
+        self.truth = self.dev.needs_reset()
+        at_reset = len(s.events)
+        self.dev.recover()
+        # what capture sees (the agent identifies the VM itself); events[:split]: up to the
+        # NEEDS_RESET
+        self.events = [e for e in s.events if not isinstance(e, VmStarted)]
+        self.split = sum(not isinstance(e, VmStarted) for e in s.events[:at_reset])
+        self.started = next(e for e in s.events if isinstance(e, VmStarted))
+        self.cfg = CorrelatorConfig(hints=(self.dev.hint(),), reorder_window_ns=0)
+        self.proc = Path(fake_proc(tmp_path, procs=((4242, 777),)))
+        self.path = str(tmp_path / "state.json")
+
+    def agent(self, events, stream):
+        """An agent on the state file (restored from it) whose capture yields `events`."""
+        from agent.correlate import Correlator
+        from agent.episode_log import EpisodeLog
+        from tests.unit.test_run_cli import ScriptedSource
+
+        sf = StateFile(self.path, proc_root=str(self.proc))
         assert sf.acquire() is None
-        source = ScriptedSource([[e for e in events if not isinstance(e, VmStarted)]])
-        agent = run.Agent(source, Correlator(cfg), lambda pid: started,
+        source = ScriptedSource([list(events)])
+        agent = run.Agent(source, Correlator(self.cfg), lambda pid: self.started,
                           episode_log=EpisodeLog(stream), state_file=sf)
         agent.restore()
         return agent, source, sf
 
+
+def test_the_loop_hands_an_open_episode_to_the_next_agent(tmp_path):
+    """Agent 1 sees the NEEDS_RESET and stops (save_state, as at SIGTERM); agent 2 starts from
+    the file and sees the recovery: one `recovered` line, with agent 1's start."""
+    from agent.episode_log import read_records
+
+    sc = Scripted(tmp_path)
+    dev, truth, path = sc.dev, sc.truth, sc.path
     log1, log2 = io.StringIO(), io.StringIO()
-    a1, _, sf1 = agent_with(s.events[:split], log1)
+    a1, _, sf1 = sc.agent(sc.events[:sc.split], log1)
     a1.step(0)
     a1.save_state()
     sf1.close()
-    a2, source2, sf2 = agent_with(s.events[split:], log2)
+    a2, source2, sf2 = sc.agent(sc.events[sc.split:], log2)
     assert a2.restored == {"vms": 1, "devices": 1, "episodes": 1}
     assert any(w.addr == dev.status_addr for w in source2.watches)   # watched before any event
     a2.step(0)
@@ -144,50 +161,25 @@ def test_a_state_that_cannot_be_restored_leaves_a_fresh_correlator(tmp_path, cap
     sf.close()
 
 
-def _two_agents(tmp_path, cut: str):
-    """A script of one VM whose device needs a reset; agent 1 sees the events up to `cut`
-    ("needs_reset" or "recovered") and is killed after its step (no save_state)."""
-    from agent.correlate import Correlator, CorrelatorConfig
-    from agent.episode_log import EpisodeLog
-    from agent.events import VmStarted
-    from tests.unit.test_correlate_guestscript import Script
-    from tests.unit.test_run_cli import ScriptedSource
-
-    s = Script(t0=time.monotonic_ns())
-    dev = s.vm(4242, "lab-vm", start_time=777).device(vector=0x31)
-    dev.init()
-    dev.needs_reset()
-    if cut == "recovered":
-        dev.recover()
-    started = next(e for e in s.events if isinstance(e, VmStarted))
-    cfg = CorrelatorConfig(hints=(dev.hint(),), reorder_window_ns=0)
-    proc = fake_proc(tmp_path, procs=((4242, 777),))
-    path = str(tmp_path / "state.json")
-
-    def agent_with(events, stream):
-        sf = StateFile(path, proc_root=proc)
-        assert sf.acquire() is None
-        source = ScriptedSource([[e for e in events if not isinstance(e, VmStarted)]])
-        agent = run.Agent(source, Correlator(cfg), lambda pid: started,
-                          episode_log=EpisodeLog(stream), state_file=sf)
-        agent.restore()
-        return agent, sf
-
+def _killed_agent(tmp_path, cut: str):
+    """Agent 1 sees the events up to `cut` ("needs_reset" or "recovered") and is killed after
+    its step (no save_state). Returns the script (for the next agents) and agent 1's log."""
+    sc = Scripted(tmp_path)
     log1 = io.StringIO()
-    a1, sf1 = agent_with(s.events, log1)
+    a1, _, sf1 = sc.agent(sc.events[:sc.split] if cut == "needs_reset" else sc.events, log1)
     a1.step(0)
-    sf1.close()                  # killed: no save_state
-    return agent_with, log1, Path(proc)
+    sf1.close()
+    return sc, log1
 
 
 def test_an_episode_logged_before_a_kill_is_not_reported_again(tmp_path):
     from agent.episode_log import read_records
 
-    agent_with, log1, _ = _two_agents(tmp_path, "recovered")
+    sc, log1 = _killed_agent(tmp_path, "recovered")
     (rec,) = read_records(log1.getvalue().splitlines())
     assert rec["outcome"] == "recovered"
     log2 = io.StringIO()
-    a2, sf2 = agent_with([], log2)     # the state saved before agent 1 wrote its line
+    a2, _, sf2 = sc.agent([], log2)     # the state saved before agent 1 wrote its line
     assert a2.restored["episodes"] == 0
     a2.step(0)
     a2.save_state()
@@ -202,12 +194,12 @@ def test_a_restored_vm_that_exits_before_any_event_ends_its_episode(tmp_path):
 
     from agent.episode_log import read_records
 
-    agent_with, log1, proc = _two_agents(tmp_path, "needs_reset")
+    sc, log1 = _killed_agent(tmp_path, "needs_reset")
     assert read_records(log1.getvalue().splitlines()) == []
     log2 = io.StringIO()
-    a2, sf2 = agent_with([], log2)
+    a2, _, sf2 = sc.agent([], log2)
     assert a2.restored["episodes"] == 1
-    shutil.rmtree(proc / "4242")        # the VM exits without another event
+    shutil.rmtree(sc.proc / "4242")        # the VM exits without another event
     a2.step(0)
     sf2.close()
     (rec,) = read_records(log2.getvalue().splitlines())
@@ -245,10 +237,10 @@ def test_episodes_ended_at_the_restore_are_saved_ended_before_their_lines(tmp_pa
 
     from agent.episode_log import read_records
 
-    agent_with, _, proc = _two_agents(tmp_path, "needs_reset")
-    shutil.rmtree(proc / "4242")        # the VM exited while no agent ran
+    sc, _ = _killed_agent(tmp_path, "needs_reset")
+    shutil.rmtree(sc.proc / "4242")        # the VM exited while no agent ran
     log2 = io.StringIO()
-    a2, sf2 = agent_with([], log2)
+    a2, _, sf2 = sc.agent([], log2)
     sf2.close()
     (rec,) = read_records(log2.getvalue().splitlines())
     assert rec["outcome"] == "abandoned"
