@@ -97,6 +97,19 @@ class LinkWatcher:
         self.links[link.ifindex] = link
         return True
 
+    def _drain(self) -> None:
+        """Discard what is queued: the kernel reports ENOBUFS before the notifications it still
+        holds, which are older than the table about to be re-read (a queued `added` of a link
+        whose removal was dropped would bring it back)."""
+        while True:
+            try:
+                self._sock.recv(1 << 16)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+
     def _read_socket(self) -> None:
         while len(self._pending) < self.max_events:
             try:
@@ -107,6 +120,7 @@ class LinkWatcher:
                 if exc.errno != errno.ENOBUFS:
                     raise
                 self.overruns += 1
+                self._drain()
                 self._resync_with_events()
                 continue
             now = time.monotonic_ns()

@@ -397,3 +397,17 @@ def test_link_watcher_recovers_from_a_socket_overrun(netns):
         # the table was re-read: it is right even though notifications were lost
         names = {link.ifname for link in watcher.links.values()}
         assert names == {"lo"} | {f"vrao{i}" for i in range(10)} | {f"vrap{i}" for i in range(10)}
+        # a burst of additions and removals, overrun again: no removed link comes back from
+        # notifications the kernel still held when it reported the overrun
+        overruns = watcher.overruns
+        with open_iproute(ns_path) as ipr:
+            for i in range(10, 15):
+                ipr.link("add", ifname=f"vrao{i}", kind="veth", peer=f"vrap{i}")
+            for i in range(0, 15, 2):
+                ipr.link("del", ifname=f"vrao{i}")      # its peer goes with it
+        for _ in range(20):
+            watcher.poll()
+        assert watcher.overruns > overruns
+        names = {link.ifname for link in watcher.links.values()}
+        kept = [i for i in range(15) if i % 2]
+        assert names == {"lo"} | {f"vrao{i}" for i in kept} | {f"vrap{i}" for i in kept}
