@@ -14,8 +14,7 @@ Names, by VMM:
 - Cloud Hypervisor: no name flag; the directory of `--api-socket` (Kata: /run/vc/vm/<id>/...) or
   the socket file name.
 - otherwise `pid-<pid>`.
-The QMP socket path of QEMU (`-qmp unix:PATH,...`, or `-chardev socket,id=X,path=PATH` with
-`-mon chardev=X,mode=control`) is kept as an attribute for later use (never exported as a label).
+A QEMU's QMP socket is found by agent.qmp.qmp_sockets_from_cmdline (agent.confirm), not here.
 """
 from __future__ import annotations
 
@@ -38,7 +37,6 @@ class ProcessGone(LookupError):
 @dataclass(frozen=True, slots=True)
 class VmInfo:
     identity: VmIdentity
-    qmp_socket: Optional[str] = None     # for later use (QMP queries); not a label
 
     def to_event(self, ts_ns: int) -> VmStarted:
         i = self.identity
@@ -141,10 +139,8 @@ def clean_name(name: str) -> str:
     return _UNSAFE.sub("_", name)[:MAX_NAME]
 
 
-def _qemu(flags: list[tuple[str, Optional[str]]]) -> tuple[str, str, Optional[str]]:
-    name, uuid, qmp = "", "", None
-    chardev_paths: dict[str, str] = {}
-    control_chardevs: list[str] = []
+def _qemu(flags: list[tuple[str, Optional[str]]]) -> tuple[str, str]:
+    name, uuid = "", ""
     for flag, val in flags:
         if val is None:
             continue
@@ -153,24 +149,7 @@ def _qemu(flags: list[tuple[str, Optional[str]]]) -> tuple[str, str, Optional[st
             name = opts.get("guest") or implied or name
         elif flag == "-uuid":
             uuid = val
-        elif flag in ("-qmp", "-qmp-pretty"):
-            if val.startswith("unix:") and qmp is None:
-                implied, _ = qemu_opts(val[len("unix:"):])
-                qmp = implied
-        elif flag == "-chardev":
-            backend, opts = qemu_opts(val)
-            if backend == "socket" and "id" in opts and "path" in opts:
-                chardev_paths[opts["id"]] = opts["path"]
-        elif flag == "-mon":
-            _, opts = qemu_opts(val)
-            if opts.get("mode") == "control" and "chardev" in opts:
-                control_chardevs.append(opts["chardev"])
-    if qmp is None:
-        for dev in control_chardevs:
-            if dev in chardev_paths:
-                qmp = chardev_paths[dev]
-                break
-    return name, uuid, qmp
+    return name, uuid
 
 
 def _cloud_hypervisor_name(flags: list[tuple[str, Optional[str]]]) -> str:
@@ -205,9 +184,9 @@ def read_vm(pid: int, proc_root: str = "/proc") -> VmInfo:
         cgroup = ""
     vmm = _vmm(argv[0] if argv else "", comm)
     flags = _flags(argv)
-    name, namespace, uuid, qmp = "", "", "", None
+    name, namespace, uuid = "", "", ""
     if vmm == "qemu":
-        name, uuid, qmp = _qemu(flags)
+        name, uuid = _qemu(flags)
         kubevirt = "kubepods" in cgroup or any("kubevirt" in a for a in argv)
         if kubevirt and "_" in name:
             namespace, name = name.split("_", 1)
@@ -218,7 +197,7 @@ def read_vm(pid: int, proc_root: str = "/proc") -> VmInfo:
     name = clean_name(name) or f"pid-{pid}"
     identity = VmIdentity(pid=pid, start_time=started, name=name,
                           namespace=clean_name(namespace), uuid=clean_name(uuid), vmm=vmm)
-    return VmInfo(identity=identity, qmp_socket=qmp)
+    return VmInfo(identity=identity)
 
 
 def vm_started(pid: int, ts_ns: int, proc_root: str = "/proc") -> Optional[VmStarted]:

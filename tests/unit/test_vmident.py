@@ -35,23 +35,14 @@ def test_libvirt_qemu_name_uuid_and_qmp_from_chardev(tmp_path):
     i = info.identity
     assert (i.pid, i.start_time, i.name, i.namespace, i.vmm) == (1234, 4242, "web-01", "", "qemu")
     assert i.uuid == "5f4d3c2b-1a09-4876-b5c4-d3e2f1a0b9c8"
-    assert info.qmp_socket == "/var/lib/libvirt/qemu/domain-1-web-01/monitor.sock"
     assert SECRET not in repr(info) and SECRET not in repr(info.to_event(1))
 
 
-def test_plain_qemu_name_and_qmp_flag(tmp_path):
+def test_plain_qemu_name(tmp_path):
     argv = ["qemu-system-x86_64", "-accel", "kvm", "-name", "lab,,one,process=q",
             "-qmp", "unix:/tmp/q.sock,server,nowait", "-nographic"]
     info = read_vm(7, fake_proc(tmp_path, 7, argv))
     assert info.identity.name == "lab_one"    # ",," is a comma; cleaned for labels
-    assert info.qmp_socket == "/tmp/q.sock"
-
-
-def test_monitor_in_readline_mode_is_not_qmp(tmp_path):
-    argv = ["qemu-system-x86_64", "--name", "x", "-chardev", "socket,id=m,path=/tmp/hmp.sock",
-            "-mon", "chardev=m,mode=readline"]
-    info = read_vm(7, fake_proc(tmp_path, 7, argv))
-    assert info.identity.name == "x" and info.qmp_socket is None
 
 
 def test_kubevirt_domain_name_gives_namespace_and_vm(tmp_path):
@@ -61,7 +52,6 @@ def test_kubevirt_domain_name_gives_namespace_and_vm(tmp_path):
     cg = "0::/kubepods.slice/kubepods-burstable.slice/cri-containerd-abc.scope\n"
     info = read_vm(99, fake_proc(tmp_path, 99, argv, comm="qemu-kvm", cgroup=cg))
     assert (info.identity.namespace, info.identity.name) == ("prod-ns", "my_vm")
-    assert info.qmp_socket is None              # fd-passed monitor: no path
 
 
 def test_libvirt_name_with_underscore_outside_kubernetes_is_kept_whole(tmp_path):
@@ -141,7 +131,6 @@ def test_a_real_qemu_process(kvm, tmp_path):
         info = read_vm(proc.pid)
         assert (info.identity.name, info.identity.vmm) == ("real-guest", "qemu")
         assert info.identity.uuid == "00000000-0000-4000-8000-000000000001"
-        assert info.qmp_socket == str(sock) and sock.exists()
     finally:
         proc.kill()
         proc.wait()
