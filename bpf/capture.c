@@ -79,21 +79,22 @@
 #define CFG_DISCOVERY_BURST 1  // bucket size
 #define CFG_PIO_MIN_PORT 2     // lowest candidate port: below are ISA devices and PCI config (0xcf8)
 #define CFG_INFLIGHT 3         // (kernel-owned) threads inside VHOST_VDPA_GET_STATUS right now
-#define CFG_ACTIVITY_RATE 4    // refill of the activity and watched-interrupt buckets, per s per VM
+#define CFG_ACTIVITY_RATE 4    // refill of the activity, interrupt and watched-register buckets, per s per VM
 #define CFG_ACTIVITY_BURST 5
 #define CFG_ACTIVITY_INTERVAL 6  // ns: one event per MSI vector / notify address / identical
                                  // write or ISR read of a watched register per interval
 #define CFG_ACTIVITY_DISCOVERY 7 // 1: unwatched MSIs and kicks are forwarded (activity discovery)
 #define CFG_N 8
 
-// token buckets per VM (take_token)
-#define B_DISCOVERY 0   // status-register candidates (`buckets`, CFG_DISCOVERY_*)
-#define B_ACTIVITY 1    // unwatched MSIs and kicks (`abuckets`)
-#define B_IRQ 2         // watched vectors / GSIs (`ibuckets`): a busy device's line must not
+// token buckets per VM (take_token; `buckets` keyed by VM and kind)
+#define B_DISCOVERY 0   // status-register candidates (CFG_DISCOVERY_*)
+#define B_ACTIVITY 1    // unwatched MSIs and kicks
+#define B_IRQ 2         // watched vectors / GSIs: a busy device's line must not
                         // starve the registers (an INTx / mmio line also carries queue interrupts)
-#define B_WATCHED 3     // changes of watched non-status registers (`wbuckets`): a VM with many
+#define B_WATCHED 3     // changes of watched non-status registers: a VM with many
                         // busy queues drains its activity bucket, and a re-initialising driver's
                         // msix_config writes must still pass
+#define B_KINDS 4
 
 #define SPACE_NOTIFY 2    // candidates-map key space of queue notify addresses (never watched)
 
@@ -133,6 +134,11 @@ struct watch_val {
     u32 fwd_ms;     // non-status: when the last event was forwarded (ktime >> 20, wraps; ~1 ms units)
 };
 
+struct bucket_key {
+    u32 tgid;
+    u32 which;      // B_*
+};
+
 struct bucket {
     u64 stamp_ns;
     u64 tokens;
@@ -153,11 +159,8 @@ struct inflight {
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(watch, struct reg_key, struct watch_val, WATCH_ENTRIES);
 BPF_TABLE("lru_hash", struct reg_key, struct reg_state, candidates, CAND_ENTRIES);
-BPF_TABLE("lru_hash", u32, struct bucket, buckets, VM_ENTRIES);
+BPF_TABLE("lru_hash", struct bucket_key, struct bucket, buckets, B_KINDS * VM_ENTRIES);
 BPF_TABLE("lru_hash", u32, u8, tracked, VM_ENTRIES);
-BPF_TABLE("lru_hash", u32, struct bucket, abuckets, VM_ENTRIES);
-BPF_TABLE("lru_hash", u32, struct bucket, ibuckets, VM_ENTRIES);
-BPF_TABLE("lru_hash", u32, struct bucket, wbuckets, VM_ENTRIES);
 BPF_TABLE("lru_hash", struct irq_key, u64, irq_seen, CAND_ENTRIES);
 // (VMM, vector) of an MSI activity discovery just forwarded: its LAPIC delivery is forwarded too
 BPF_TABLE("lru_hash", struct irq_key, u64, apic_pending, VM_ENTRIES);
@@ -224,25 +227,11 @@ static __always_inline int take_token(u32 tgid, int which)
         return 0;
     u64 cap = cfg(disc ? CFG_DISCOVERY_BURST : CFG_ACTIVITY_BURST) * 1000000000ULL;
     u64 now = bpf_ktime_get_ns();
-    struct bucket *b;
-    if (which == B_DISCOVERY)
-        b = buckets.lookup(&tgid);
-    else if (which == B_ACTIVITY)
-        b = abuckets.lookup(&tgid);
-    else if (which == B_IRQ)
-        b = ibuckets.lookup(&tgid);
-    else
-        b = wbuckets.lookup(&tgid);
+    struct bucket_key bk = {.tgid = tgid, .which = which};
+    struct bucket *b = buckets.lookup(&bk);
     if (!b) {
         struct bucket nb = {.stamp_ns = now, .tokens = cap - 1000000000ULL};
-        if (which == B_DISCOVERY)
-            buckets.update(&tgid, &nb);
-        else if (which == B_ACTIVITY)
-            abuckets.update(&tgid, &nb);
-        else if (which == B_IRQ)
-            ibuckets.update(&tgid, &nb);
-        else
-            wbuckets.update(&tgid, &nb);
+        buckets.update(&bk, &nb);
         return 1;
     }
     u64 tokens = b->tokens + (now - b->stamp_ns) * rate;
@@ -615,10 +604,10 @@ static __always_inline void handle_exit(int group_dead)
     if (!tracked.lookup(&tgid))
         return;
     tracked.delete(&tgid);
-    buckets.delete(&tgid);
-    abuckets.delete(&tgid);
-    ibuckets.delete(&tgid);
-    wbuckets.delete(&tgid);
+    for (u32 which = 0; which < B_KINDS; which++) {
+        struct bucket_key bk = {.tgid = tgid, .which = which};
+        buckets.delete(&bk);
+    }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         count(C_RINGBUF_FULL);

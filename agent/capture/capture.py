@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 SOURCE = "capture.c"
 # maps whose fill is reported (name -> grows with guests)
 REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl",
-                 "abuckets", "ibuckets", "wbuckets", "irq_seen", "apic_pending")
+                 "irq_seen", "apic_pending")
 CFG_DISCOVERY_RATE = 0
 CFG_DISCOVERY_BURST = 1
 CFG_PIO_MIN_PORT = 2
