@@ -4,9 +4,24 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import pytest
+
 from agent.events import Event, ProcessExit, Register
 from agent.model import WatchInterrupt, WatchRegister
 from lab.harness import DeviceInfo, GuestSpec, LabResult, LabVM
+
+
+def capture_fixture(**options):
+    """A module-scoped `cap` fixture: one Capture(**options) for the module's tests (BPF
+    required: skipped on a laptop, a failure under VRA_REQUIRE_KVM=1)."""
+    @pytest.fixture(scope="module")
+    def cap():
+        from conftest import require_bpf
+        require_bpf()
+        from agent.capture import Capture
+        with Capture(**options) as c:
+            yield c
+    return cap
 
 
 @dataclass

@@ -9,18 +9,12 @@ import pytest
 from agent.events import ApicAccepted, MsiInjected, QueueNotify
 from lab.harness import GuestSpec
 
-from capture_lab_support import learn_devices, run_captured
+from capture_lab_support import capture_fixture, learn_devices, run_captured
 
 INTERVAL_MS = 200
 
 
-@pytest.fixture(scope="module")
-def cap():
-    from conftest import require_bpf
-    require_bpf()
-    from agent.capture import Capture
-    with Capture(activity_interval_ms=INTERVAL_MS) as c:
-        yield c
+cap = capture_fixture(activity_interval_ms=INTERVAL_MS)
 
 
 def test_unwatched_config_msi_and_folded_kicks_of_a_linux_guest(cap):

@@ -8,16 +8,10 @@ from agent.events import (
 )
 from lab.harness import STATUS_NEEDS_RESET, GuestSpec
 
-from capture_lab_support import StormSpec, learn_devices, run_captured
+from capture_lab_support import StormSpec, capture_fixture, learn_devices, run_captured
 
 
-@pytest.fixture(scope="module")
-def cap():
-    from conftest import require_bpf
-    require_bpf()
-    from agent.capture import Capture
-    with Capture() as c:
-        yield c
+cap = capture_fixture()
 
 
 def _status_accesses(run, dev):

@@ -9,7 +9,7 @@ import pytest
 
 from agent.events import ApicAccepted, Op, Register, RegisterAccess
 
-from capture_lab_support import StormSpec, learn_devices, run_captured
+from capture_lab_support import StormSpec, capture_fixture, learn_devices, run_captured
 
 INTERVAL_MS = 200
 RATE, BURST = 100, 64       # Capture defaults: activity_rate, activity_burst
@@ -18,13 +18,7 @@ WRITES = 20_000
 INTERVAL_NS = (INTERVAL_MS * 1_000_000 >> 20) - 1 << 20
 
 
-@pytest.fixture(scope="module")
-def cap():
-    from conftest import require_bpf
-    require_bpf()
-    from agent.capture import Capture
-    with Capture(activity_interval_ms=INTERVAL_MS) as c:
-        yield c
+cap = capture_fixture(activity_interval_ms=INTERVAL_MS)
 
 
 def _config_register(dev):
