@@ -488,11 +488,15 @@ class NetOutageWorker:
                 self._jobs.append(("ended", output))
                 self._cond.notify()
         if not queued:
-            net = None
-            if output.episode.type == "net":
-                self.tracker._count("missed")
-                net = {"measured": False, "reason": "missed"}
-            self._write(output, net)
+            self._write_unmeasured(output)
+
+    def _write_unmeasured(self, output) -> None:
+        """The line without a measurement: `missed` for a net device (counted), else no `net`."""
+        net = None
+        if output.episode.type == "net":
+            self.tracker._count("missed")
+            net = {"measured": False, "reason": "missed"}
+        self._write(output, net)
 
     def _run(self) -> None:
         while True:
@@ -531,8 +535,7 @@ class NetOutageWorker:
             log.warning("network impact jobs still running after %.0f s: %d episode lines "
                         "written unmeasured", timeout_s, len(ended))
             for out in ended:
-                self._write(out, {"measured": False, "reason": "missed"}
-                            if out.episode.type == "net" else None)
+                self._write_unmeasured(out)
             return
         self.tracker.close()
 
