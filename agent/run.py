@@ -52,6 +52,7 @@ TICK_EVERY_NS = 100_000_000
 STALL_S = 10.0          # /healthz fails if the loop has not come round for this long
 SEEN_PIDS_FACTOR = 4    # remembered VMM pids: max_vms * this (older ones are re-identified)
 SAVE_EVERY_NS = 1_000_000_000   # state file: changes saved at most this often (episode ends at once)
+RESTORED_CHECK_NS = 1_000_000_000   # restored VMs not heard from: /proc liveness checked this often
 
 
 def _env_default(name: str) -> str:
@@ -418,7 +419,7 @@ class Agent:
     def _check_restored(self, now: int) -> None:
         """Restored VMs that exited before sending an event: BPF does not know them yet, so
         their exit is found in /proc (once a second, until their first event)."""
-        if not self._restored or now - self._last_restored_check_ns < SAVE_EVERY_NS:
+        if not self._restored or now - self._last_restored_check_ns < RESTORED_CHECK_NS:
             return
         self._last_restored_check_ns = now
         for pid, identity in list(self._restored.items()):
