@@ -27,6 +27,19 @@ FAILED = 0x80
 class Space:
     MMIO = "mmio"
     PIO = "pio"
+    # PCI configuration space (segment 0), whether the guest reached it through the 0xCF8/0xCFC
+    # ports or an ECAM (MMCONFIG) window: addr = bus << 20 | device << 15 | function << 12 |
+    # register offset (byte), the ECAM layout. Capture translates both into this space.
+    PCICFG = "pcicfg"
+
+
+def pcicfg_addr(bus: int, device: int, function: int, offset: int) -> int:
+    return (bus & 0xFF) << 20 | (device & 0x1F) << 15 | (function & 0x7) << 12 | (offset & 0xFFF)
+
+
+def pcicfg_split(addr: int) -> tuple[int, int]:
+    """(bdf as bus << 8 | device << 3 | function, register offset) of a pcicfg address."""
+    return (addr >> 12) & 0xFFFF, addr & 0xFFF
 
 
 class Op:
@@ -44,6 +57,9 @@ class Register:
     QUEUE_NOTIFY = 4        # a queue notify address (kicks)
     ISR = 5                 # ISR status (legacy +19, modern ISR cap, mmio +0x60 InterruptStatus)
     INTERRUPT_ACK = 6       # mmio +0x64
+    QUEUE_SELECT = 7        # modern common cfg +0x16 (16 bit), legacy I/O +14
+    QUEUE_MSIX_VECTOR = 8   # modern common cfg +0x1a (16 bit), legacy I/O +22 (with MSI-X)
+    MSIX_TABLE = 9          # an MSI-X table entry's message address (+0), data (+8) or control (+12)
 
     NAMES: ClassVar[dict[int, str]] = {}
 
@@ -222,7 +238,7 @@ def from_json(line: str) -> Event:
 
 __all__ = [
     "ACKNOWLEDGE", "DRIVER", "DRIVER_OK", "FEATURES_OK", "DEVICE_NEEDS_RESET", "FAILED",
-    "Space", "Op", "Register", "RegisterAccess", "QueueNotify", "MsiInjected", "IrqLine",
+    "Space", "pcicfg_addr", "pcicfg_split", "Op", "Register", "RegisterAccess", "QueueNotify", "MsiInjected", "IrqLine",
     "ApicAccepted", "VhostStatus", "ProcessExit", "VmStarted", "Event", "EVENT_TYPES",
     "EventFormatError", "to_dict", "to_json", "from_dict", "from_json",
 ]

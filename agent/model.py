@@ -127,6 +127,18 @@ class WatchRegister:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchEcam:
+    """Ask capture to translate this VM's MMIO accesses in [base, base + size) into PCI
+    configuration-space accesses (events.Space.PCICFG, addr = gpa - base): the ECAM window the
+    guest's firmware programmed (q35: PCIEXBAR). add=False forgets the VM's window."""
+
+    pid: int
+    base: int
+    size: int
+    add: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class WatchInterrupt:
     """Ask capture to forward interrupts of this VMM on this APIC vector / GSI."""
 
@@ -148,7 +160,7 @@ class NeedsResetSuspected:
     since_ns: int             # the config interrupt that started it (no progress since)
 
 
-Output = Union[EpisodeEnded, EpisodeStuck, Violation, WatchRegister, WatchInterrupt,
+Output = Union[EpisodeEnded, EpisodeStuck, Violation, WatchRegister, WatchInterrupt, WatchEcam,
                NeedsResetSuspected]
 
 
