@@ -83,11 +83,15 @@ class Episode:
         return (self.driver_ok_ns - self.start_ns) / 1e9
 
     def phase_seconds(self) -> dict[str, float]:
-        """Durations of the phases that both ends of are known (subset of PHASES)."""
+        """Durations of the phases that both ends of are known (subset of PHASES). An episode
+        that starts at the guest's status read has no notify phase: when (or whether) the
+        device notified is unknown, which is not zero."""
         marks = [self.start_ns, self.guest_saw_ns, self.reset_written_ns, self.reset_done_ns,
                  self.driver_ok_ns]
         out: dict[str, float] = {}
         for name, a, b in zip(PHASES, marks, marks[1:]):
+            if name == "notify" and self.evidence == Evidence.STATUS_READ:
+                continue
             if a is not None and b is not None:
                 out[name] = (b - a) / 1e9
         return out

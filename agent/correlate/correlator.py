@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from agent.events import (
-    DRIVER_OK, ApicAccepted, Event, IrqLine, MsiInjected, Op, ProcessExit,
-    QueueNotify, Register, RegisterAccess, Space, VhostStatus, VmStarted,
+    ApicAccepted, Event, IrqLine, MsiInjected, Op, ProcessExit,
+    QueueNotify, Register, RegisterAccess, Space, VhostStatus, VmStarted, pcicfg_split,
 )
 from agent.model import (
     DeviceView, EpisodeEnded, EpisodeStuck, Evidence, NeedsResetSuspected, Output, Rule,
-    Snapshot, Transport, Violation, VmIdentity, WatchInterrupt, WatchRegister,
+    Snapshot, Transport, Violation, VmIdentity, WatchEcam, WatchInterrupt, WatchRegister,
 )
 from agent.correlate.config import CorrelatorConfig, DeviceHint
 from agent.correlate.device import DeviceState, copy_episode
@@ -26,6 +26,8 @@ from agent.correlate.layout import (
     MMIO_ALIGN, MMIO_DEVICE_ID_OFFSET, MMIO_QUEUE_NOTIFY_OFFSET, MMIO_MAGIC_OFFSET, VIRTIO_MMIO_MAGIC, Layout, layout_for,
     looks_initialised, type_from_virtio_id,
 )
+from agent.correlate.pcimodel import PciModel
+from agent.correlate.pciwatch import Plan, layout_of, watch_plan
 
 ISR_CONFIG = 0x2        # ISR status / InterruptStatus bit: configuration change
 ISR_QUEUE = 0x1         # ISR status / InterruptStatus bit: used buffer (progress)
@@ -55,16 +57,32 @@ class VmState:
     devices: dict[str, DeviceState] = field(default_factory=dict)
     regs: dict[tuple[str, int], tuple[DeviceState, int]] = field(default_factory=dict)
     candidates: OrderedDict = field(default_factory=OrderedDict)  # (space, addr) -> Candidate
-    recent_apic: deque = field(default_factory=deque)   # (ts, vector)
     recent_irq: deque = field(default_factory=deque)    # (ts, gsi) rising edges
-    vectors: dict[int, DeviceState] = field(default_factory=dict)
-    recent_msi: deque = field(default_factory=deque)    # (ts, vector) of discovered MSIs
+    vectors: dict[int, DeviceState] = field(default_factory=dict)   # config vector -> device
     last_progress_ns: int = -1        # last queue completion evidence (MSI off config vectors)
     notify: dict[int, Optional[DeviceState]] = field(default_factory=dict)  # kick addr -> device
+    pci_devices: dict[int, DeviceState] = field(default_factory=dict)      # bdf -> device
 
     @property
     def busy(self) -> bool:
         return any(d.open_episode is not None for d in self.devices.values())
+
+
+@dataclass(slots=True)
+class PciVm:
+    """A VM's device model and what it asked capture to watch. Fed when events arrive, not
+    when they are released from the reordering window: a device's registers, MSI-X table and
+    interrupts are watched as soon as the guest programmed them, before its driver starts."""
+
+    model: PciModel
+    plans: dict[int, Plan] = field(default_factory=dict)       # bdf -> watched registers
+    regs: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # -> (bdf, reg)
+    irqs: set = field(default_factory=set)      # ("vector", n) / ("gsi", n) watched
+
+
+# registers of a modelled function that change its interrupt programming
+_MSIX_REGS = (Register.MSIX_TABLE, Register.MSIX_CONFIG, Register.QUEUE_SELECT,
+              Register.QUEUE_MSIX_VECTOR)
 
 
 def fallback_identity(pid: int) -> VmIdentity:
@@ -97,6 +115,8 @@ class Correlator:
         self._retired_devices = 0
         # identities of evicted VMs (bounded, LRU): their next event brings them back by name
         self._evicted: OrderedDict[int, VmIdentity] = OrderedDict()
+        # device models, per VMM pid (bounded like VMs; dropped when the VMM exits)
+        self._pci: OrderedDict[int, PciVm] = OrderedDict()
         # bumped whenever what agent.correlate.checkpoint saves may have changed
         self.changes = 0
 
@@ -109,8 +129,12 @@ class Correlator:
             # later than the reorder window and older than its VMM's exit: must not resurrect it
             self._stats["events_after_exit"] += 1
             return []
+        early: list[Output] = []
+        if isinstance(event, RegisterAccess):
+            early = self._model_feed(event)
         self._buffer.push(event)
-        return self._drain(self._buffer.horizon())
+        out = self._drain(self._buffer.horizon())
+        return early + out if early else out
 
     def tick(self, now_ns: int) -> list[Output]:
         """Advance time: process events older than the reorder window, stuck and notify checks."""
@@ -152,12 +176,6 @@ class Correlator:
         elif not needs_reset:
             self._stats["suspicions_cleared_by_vmm"] += 1
             dev.clear_suspicion()
-            if dev.config_vector is not None and not dev.vector_trusted:
-                # the "config interrupt" may have been a queue interrupt: learn it again later
-                vm.vectors.pop(dev.config_vector, None)
-                out.append(WatchInterrupt(vm.identity.pid, vector=dev.config_vector, add=False))
-                dev.config_vector = None
-                dev.vector_sightings = 0
         self._suspects.pop(id(dev), None)
         self._count_outputs(out)
         return out
@@ -195,6 +213,167 @@ class Correlator:
                         episodes_ended=dict(self._ended), vms=len(self._vms),
                         evictions=dict(self._evictions), episodes_started=dict(self._started),
                         suspicions=self._suspicions)
+
+    # -- device model (fed on arrival) ------------------------------------------------------
+
+    def pci_model(self, pid: int) -> Optional[PciModel]:
+        pv = self._pci.get(pid)
+        return pv.model if pv is not None else None
+
+    def _model_feed(self, ev: RegisterAccess) -> list[Output]:
+        """Configuration-space and interrupt-programming accesses update the VM's model now;
+        what it implies to watch is asked of capture at once."""
+        if ev.space == Space.PCICFG:
+            pv = self._pci.get(ev.pid)
+            if pv is None:
+                pv = self._pci[ev.pid] = PciVm(PciModel())
+                while len(self._pci) > 2 * self.config.max_vms:
+                    self._pci.popitem(last=False)
+            self._pci.move_to_end(ev.pid)
+            out: list[Output] = []
+            ecam = pv.model.ecam
+            bdf = pv.model.config_access(ev.addr, ev.op == Op.WRITE, ev.size, ev.value)
+            if pv.model.ecam != ecam:
+                if ecam is not None:
+                    out.append(WatchEcam(ev.pid, ecam[0], ecam[1], add=False))
+                if pv.model.ecam is not None:
+                    out.append(WatchEcam(ev.pid, pv.model.ecam[0], pv.model.ecam[1]))
+            if bdf is not None:
+                self._replan(ev.pid, pv, bdf, out)
+            return out
+        pv = self._pci.get(ev.pid)
+        known = pv.regs.get((ev.space, ev.addr)) if pv is not None else None
+        if known is None or known[1] not in _MSIX_REGS:
+            return []
+        bdf, reg = known
+        fn = pv.model.function(bdf)
+        if fn is None:
+            return []
+        if reg == Register.MSIX_TABLE:
+            table = fn.msix_table()
+            if table is not None and table.contains(ev.space, ev.addr):
+                fn.msix_access(ev.addr - table.addr, ev.value, ev.size)
+        elif reg == Register.MSIX_CONFIG:
+            fn.msix_config = ev.value & 0xFFFF
+        elif reg == Register.QUEUE_SELECT:
+            fn.queue_select = ev.value & 0xFFFF
+        else:
+            fn.set_queue_vector(ev.value & 0xFFFF)
+        out = []
+        self._watch_irqs(ev.pid, pv, out)
+        return out
+
+    def _replan(self, pid: int, pv: PciVm, bdf: int, out: list[Output]) -> None:
+        v = pv.model.virtio(bdf)
+        plan = watch_plan(v) if v is not None and layout_of(v) is not None else {}
+        old = pv.plans.get(bdf, {})
+        if plan == old:
+            return
+        for key, reg in old.items():
+            if plan.get(key) != reg:
+                pv.regs.pop(key, None)
+                if key not in plan:
+                    out.append(WatchRegister(pid, key[0], key[1], reg, add=False))
+        for key, reg in plan.items():
+            if old.get(key) != reg:
+                pv.regs[key] = (bdf, reg)
+                out.append(WatchRegister(pid, key[0], key[1], reg))
+        if plan:
+            pv.plans[bdf] = plan
+        else:
+            pv.plans.pop(bdf, None)
+        self._watch_irqs(pid, pv, out)
+
+    def _watch_irqs(self, pid: int, pv: PciVm, out: list[Output]) -> None:
+        """Watch exactly the config vectors and INTx lines the modelled devices are programmed
+        with (queue vectors are not watched: they are progress, seen through discovery)."""
+        want = set()
+        for bdf in pv.plans:
+            fn = pv.model.function(bdf)
+            if fn is None:
+                continue
+            vec = fn.vector_of(fn.msix_config)
+            if vec is not None:
+                want.add(("vector", vec[1]))
+            elif fn.msix_enabled is False and fn.interrupt_line is not None:
+                want.add(("gsi", fn.interrupt_line))
+        for kind, n in sorted(pv.irqs - want):
+            out.append(WatchInterrupt(pid, **{kind: n}, add=False))
+        for kind, n in sorted(want - pv.irqs):
+            out.append(WatchInterrupt(pid, **{kind: n}))
+        pv.irqs = want
+
+    def _pci_sync(self, vm: VmState, bdf: int, ts: int, out: list[Output]) -> None:
+        """In event order: the device of a modelled virtio function, with its registers and
+        its config interrupt as the model has them now."""
+        pv = self._pci.get(vm.identity.pid)
+        v = pv.model.virtio(bdf) if pv is not None else None
+        layout = layout_of(v) if v is not None else None
+        dev = vm.pci_devices.get(bdf)
+        if layout is None:
+            return      # not (or not yet) a virtio function with its registers placed
+        plan = pv.plans.get(bdf, {})
+        if dev is None:
+            owner = vm.regs.get((layout.space, layout.status_addr))
+            if owner is not None and owner[0].pci_bdf is None:
+                # found from its traffic before its enumeration was seen: the same device
+                dev = owner[0]
+                self._rename_device(vm, dev, v.name)
+            else:
+                dev = DeviceState(id=v.name, type=v.type, transport=layout.transport,
+                                  layout=layout, last_ts=ts)
+                self._add_device(vm, dev, out)
+            dev.pci_bdf = bdf
+            vm.pci_devices[bdf] = dev
+            self.changes += 1
+        if dev.type != v.type or dev.layout != layout and dev.status is None:
+            dev.type = v.type
+            dev.layout, dev.transport = layout, layout.transport
+            self.changes += 1
+        if dev.watched != plan:
+            for key in dev.watched:
+                if key not in plan and vm.regs.get(key, (None,))[0] is dev:
+                    del vm.regs[key]
+            for key, reg in plan.items():
+                vm.candidates.pop(key, None)
+                vm.regs[key] = (dev, reg)
+            dev.watched = dict(plan)
+            vm.notify.clear()
+            self.changes += 1
+        self._sync_config_irq(vm, dev)
+
+    def _sync_config_irq(self, vm: VmState, dev: DeviceState) -> None:
+        pv = self._pci.get(vm.identity.pid)
+        fn = pv.model.function(dev.pci_bdf) if pv is not None else None
+        if fn is None:
+            return
+        vec = fn.vector_of(fn.msix_config)
+        dev.msix_config = fn.msix_config
+        vector, dest = (vec[1], vec[0]) if vec is not None else (None, None)
+        if vector != dev.config_vector or dest != dev.config_dest:
+            if dev.config_vector is not None and vm.vectors.get(dev.config_vector) is dev:
+                del vm.vectors[dev.config_vector]
+            dev.config_vector, dev.config_dest = vector, dest
+            if vector is not None:
+                vm.vectors[vector] = dev
+            self.changes += 1
+        gsi = fn.interrupt_line if vec is None and fn.msix_enabled is False else None
+        if gsi != dev.gsi:
+            dev.gsi = gsi
+            self.changes += 1
+        for d in vm.pci_devices.values():
+            d.gsi_shared = d.gsi is not None and any(
+                o.gsi == d.gsi for o in vm.devices.values() if o is not d)
+
+    def _rename_device(self, vm: VmState, dev: DeviceState, new_id: str) -> None:
+        """A device found from its traffic whose enumeration is seen later (lost or late events,
+        or a guest that reads its configuration again) takes the name of its PCI function."""
+        self._stats["devices_renamed"] += 1
+        del vm.devices[dev.id]
+        dev.id = new_id
+        vm.devices[new_id] = dev
+        if dev.open_episode is not None:
+            dev.open_episode.device = new_id
 
     # -- event loop ------------------------------------------------------------------------
 
@@ -276,6 +455,7 @@ class Correlator:
             if vm is not None:
                 self._remove_vm(vm, ev.ts_ns, out, retain=True)
             self._evicted.pop(ev.pid, None)
+            self._pci.pop(ev.pid, None)
             self._exited[ev.pid] = ev.ts_ns
             self._exited.move_to_end(ev.pid)
             if len(self._exited) > 4 * self.config.max_vms:
@@ -284,7 +464,10 @@ class Correlator:
         vm = self._vm(ev.pid, ev.ts_ns, out)
         vm.last_ts = ev.ts_ns
         if isinstance(ev, RegisterAccess):
-            self._access(vm, ev, out)
+            if ev.space == Space.PCICFG:
+                self._pci_sync(vm, pcicfg_split(ev.addr)[0], ev.ts_ns, out)
+            else:
+                self._access(vm, ev, out)
         elif isinstance(ev, ApicAccepted):
             self._apic(vm, ev, out)
         elif isinstance(ev, IrqLine):
@@ -293,14 +476,12 @@ class Correlator:
         elif isinstance(ev, VhostStatus):
             self._vhost(vm, ev, out)
         elif isinstance(ev, MsiInjected):
-            # not delivery evidence (ApicAccepted is); used to learn config vectors from
-            # config_generation reads and as queue-completion (progress) evidence
-            vector = ev.data & 0xFF
-            self._remember(vm.recent_msi, (ev.ts_ns, vector))
-            if vector not in vm.vectors:
+            # not delivery evidence (ApicAccepted is): queue-completion (progress) evidence
+            # only, never from split-irqchip's spurious MSIs (address 0, data 0)
+            if (ev.address or ev.data) and ev.data & 0xFF not in vm.vectors:
                 vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
         elif isinstance(ev, QueueNotify):
-            self._kick(vm, ev, out)
+            self._kick(vm, ev.addr, ev.ts_ns, out)
         else:  # pragma: no cover - Event is a closed union
             raise TypeError(f"not an event: {ev!r}")
 
@@ -410,16 +591,27 @@ class Correlator:
         self._suspects.pop(id(dev), None)
         for addr in [a for a, d in vm.notify.items() if d is dev]:
             del vm.notify[addr]
-        space = dev.layout.space if dev.layout else ""
-        for addr, reg in dev.watched.items():
-            vm.regs.pop((space, addr), None)
-            out.append(WatchRegister(vm.identity.pid, space, addr, reg, add=False))
-        if dev.config_vector is not None:
-            vm.vectors.pop(dev.config_vector, None)
-            out.append(WatchInterrupt(vm.identity.pid, vector=dev.config_vector, add=False))
-        if dev.gsi is not None and not any(
+        for (space, addr), reg in dev.watched.items():
+            if vm.regs.get((space, addr), (None,))[0] is dev:
+                del vm.regs[(space, addr)]
+            if dev.pci_bdf is None:     # a model device's watches go with its plan (below)
+                out.append(WatchRegister(vm.identity.pid, space, addr, reg, add=False))
+        if dev.config_vector is not None and vm.vectors.get(dev.config_vector) is dev:
+            del vm.vectors[dev.config_vector]
+            if dev.pci_bdf is None:
+                out.append(WatchInterrupt(vm.identity.pid, vector=dev.config_vector, add=False))
+        if dev.gsi is not None and dev.pci_bdf is None and not any(
                 d.gsi == dev.gsi for d in vm.devices.values() if d is not dev):
             out.append(WatchInterrupt(vm.identity.pid, gsi=dev.gsi, add=False))
+        if dev.pci_bdf is not None and vm.pci_devices.get(dev.pci_bdf) is dev:
+            del vm.pci_devices[dev.pci_bdf]
+            pv = self._pci.get(vm.identity.pid)
+            plan = pv.plans.pop(dev.pci_bdf, {}) if pv is not None else {}
+            for (space, addr), reg in plan.items():   # evicted: found again on new traffic
+                pv.regs.pop((space, addr), None)
+                out.append(WatchRegister(vm.identity.pid, space, addr, reg, add=False))
+            if pv is not None:
+                self._watch_irqs(vm.identity.pid, pv, out)
         del vm.devices[dev.id]
         self._devices -= 1
 
@@ -454,7 +646,7 @@ class Correlator:
         self._watch(vm, dev, out)
         if hint is not None:
             if hint.config_vector is not None:
-                self._learn_vector(vm, dev, hint.config_vector, out, trusted=True)
+                self._learn_vector(vm, dev, hint.config_vector, out)
             if hint.gsi is not None:
                 self._learn_gsi(vm, dev, hint.gsi, out)
         return dev
@@ -465,14 +657,13 @@ class Correlator:
         for reg_addr, reg in dev.layout.registers().items():
             vm.candidates.pop((space, reg_addr), None)
             vm.regs[(space, reg_addr)] = (dev, reg)
-            dev.watched[reg_addr] = reg
+            dev.watched[(space, reg_addr)] = reg
             out.append(WatchRegister(vm.identity.pid, space, reg_addr, reg))
 
-    def _learn_vector(self, vm: VmState, dev: DeviceState, vector: int, out: list[Output],
-                      trusted: bool = False) -> None:
+    def _learn_vector(self, vm: VmState, dev: DeviceState, vector: int,
+                      out: list[Output]) -> None:
+        """An operator-told config vector (a hint), or one restored from a state file."""
         dev.config_vector = vector
-        dev.vector_trusted = trusted
-        dev.vector_sightings = 1
         vm.vectors[vector] = dev
         out.append(WatchInterrupt(vm.identity.pid, vector=vector))
 
@@ -502,6 +693,11 @@ class Correlator:
         dev, reg = known
         dev.last_ts = ev.ts_ns
         if reg == Register.STATUS:
+            if dev.layout is not None and dev.layout.status_addr != ev.addr:
+                # a transitional device driven through its other (legacy / modern) interface
+                lay = layout_for(ev.space, ev.addr, ev.size)
+                if lay is not None:
+                    dev.layout, dev.transport = lay, lay.transport
             self._status(vm, dev, ev, out)
         elif reg == Register.ISR and ev.op == Op.READ:
             # virtio-mmio: the InterruptACK write that follows says the same (it is counted)
@@ -525,10 +721,13 @@ class Correlator:
                 vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
             if ev.value & ISR_CONFIG:
                 self._isr_config(vm, dev, ev.ts_ns, out)
-        elif reg == Register.MSIX_CONFIG and ev.op == Op.WRITE:
-            dev.msix_config = ev.value
-        elif reg == Register.CONFIG_GENERATION and ev.op == Op.READ:
-            self._generation(vm, dev, ev, out)
+        elif reg in _MSIX_REGS:
+            if dev.pci_bdf is not None:
+                self._sync_config_irq(vm, dev)
+            elif reg == Register.MSIX_CONFIG and ev.op == Op.WRITE:
+                dev.msix_config = ev.value
+        elif reg == Register.QUEUE_NOTIFY and ev.op == Op.WRITE:
+            self._kick(vm, ev.addr, ev.ts_ns, out)
         # config_generation: watched for completeness, no state
 
     def _status(self, vm: VmState, dev: DeviceState, ev: RegisterAccess, out: list[Output]) -> None:
@@ -552,27 +751,17 @@ class Correlator:
 
     def _start_from_read(self, vm: VmState, dev: DeviceState, ts: int,
                          prev_status: Optional[int], out: list[Output]) -> None:
+        """The guest read NEEDS_RESET: the episode starts at the config interrupt that told it,
+        if that interrupt was raised on the device's exact vector or line within the window;
+        otherwise at this read (the notify phase is then unknown, not zero)."""
         window = self.config.notify_window_ns
         start, evidence = ts, Evidence.STATUS_READ
         irq = dev.recent_config_irq(ts, window)
-        if irq is None and not dev.config_irq_known and not dev.no_config_vector:
-            # the delivery right before the first 0x40 read is the config vector's (an MSI alone
-            # is not enough: split-irqchip VMMs inject MSIs that are never delivered)
-            found = self._unknown_vector_before(vm, ts, deliveries_only=True)
-            if found is not None:
-                t, vector = found
-                self._learn_vector(vm, dev, vector, out)
-                status_then, dev.status = dev.status, prev_status
-                self._config_irq(vm, dev, t, out)
-                dev.status = status_then
-                irq = t
-        elif irq is not None and dev.config_vector is not None and not dev.vector_trusted:
-            dev.vector_sightings += 1
-            dev.vector_trusted = dev.vector_sightings >= 2
         if irq is not None:
             start, evidence = irq, Evidence.CONFIG_INTERRUPT
         dev.start_episode(vm.identity, start, evidence, guest_saw_ns=ts)
-        if evidence == Evidence.STATUS_READ and dev.config_irq_trusted:
+        if (evidence == Evidence.STATUS_READ and dev.config_irq_known
+                and not dev.notified_since(ts, window)):
             dev.notify_deadline_ns = start + window
             dev.notify_episode_start_ns = start
         self._arm(vm, dev)
@@ -642,33 +831,27 @@ class Correlator:
             ring.popleft()
 
     def _apic(self, vm: VmState, ev: ApicAccepted, out: list[Output]) -> None:
-        self._remember(vm.recent_apic, (ev.ts_ns, ev.vector))
         dev = vm.vectors.get(ev.vector)
-        if dev is not None:
+        if dev is not None and (dev.config_dest is None or dev.config_dest == ev.apicid):
             self._config_irq(vm, dev, ev.ts_ns, out)
         else:
             vm.last_progress_ns = max(vm.last_progress_ns, ev.ts_ns)
 
     def _isr_config(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
-        """ISR / InterruptStatus read with the configuration-change bit: an INTx config interrupt,
-        raised at the latest line rise (of the device's GSI, once known) within the window.
-        Under a split irqchip the line reaches the CPU as an MSI on the pin's vector: if that
-        delivery was already attributed to the device, this read (or ACK) is the same interrupt."""
-        last = dev.last_config_irq_ns
-        if (last is not None and ts - self.config.notify_window_ns <= last <= ts
-                and dev.config_irq_acked_ns != last and dev.config_vector is not None):
-            dev.config_irq_acked_ns = last
-            return
-        at = ts
-        for t, gsi in reversed(vm.recent_irq):
-            if t < ts - self.config.notify_window_ns:
-                break
-            if t <= ts and (dev.gsi is None or gsi == dev.gsi):
-                at = t
-                if dev.gsi is None:
-                    self._learn_gsi(vm, dev, gsi, out)
-                break
-        self._config_irq(vm, dev, at, out)
+        """ISR / InterruptStatus read (or ACK) with the configuration-change bit: the device
+        raised a config interrupt. It was raised at the last rise of the device's own line
+        within the window, when that line is known exactly and no other device shares it;
+        otherwise when is unknown (counted, not timed)."""
+        if dev.gsi is not None and not dev.gsi_shared:
+            for t, gsi in reversed(vm.recent_irq):
+                if t < ts - self.config.notify_window_ns:
+                    break
+                if t <= ts and gsi == dev.gsi:
+                    if dev.last_config_irq_ns == t:
+                        return      # that rise was already counted (read, then ACK)
+                    self._config_irq(vm, dev, t, out)
+                    return
+        self._config_irq(vm, dev, ts, out, timed=False)
 
     # -- vhost-vdpa ------------------------------------------------------------------------
 
@@ -693,69 +876,39 @@ class Correlator:
 
     # -- NEEDS_RESET suspicion (the guest never reads status) --------------------------------
 
-    def _config_irq(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
+    def _config_irq(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output],
+                    timed: bool = True) -> None:
         """A config interrupt attributed to dev: count it, and wait for what follows. A guest that
         reads status is judged by the state machine; one that goes on kicking the device with no
         completion and never reads status is how a Linux guest looks after NEEDS_RESET."""
-        out.extend(dev.config_interrupt(vm.identity, ts))
+        out.extend(dev.config_interrupt(vm.identity, ts, timed))
         if dev.open_episode is None and not dev.suspected:
             dev.suspect_irq_ns = ts
             dev.suspect_kick_ns = None
             self._suspects[id(dev)] = (vm, dev)
-
-    def _generation(self, vm: VmState, dev: DeviceState, ev: RegisterAccess,
-                    out: list[Output]) -> None:
-        """config_generation read (capture forwards reads on change). A running device's driver
-        reads it when handling a config change: the MSI right before it is the config vector."""
-        prev, dev.last_generation = dev.last_generation, ev.value
-        if prev == ev.value or dev.config_irq_known or dev.no_config_vector:
-            return
-        if dev.status is None or not dev.status & DRIVER_OK or dev.open_episode is not None:
-            return    # QEMU notifies config changes only after DRIVER_OK
-        window = self.config.notify_window_ns
-        if dev.recent_config_irq(ev.ts_ns, window) is not None:
-            return
-        latest = self._unknown_vector_before(vm, ev.ts_ns)
-        if latest is None:
-            return
-        self._stats["vectors_learned_from_generation"] += 1
-        self._learn_vector(vm, dev, latest[1], out)
-        self._config_irq(vm, dev, latest[0], out)
-
-    def _unknown_vector_before(self, vm: VmState, ts: int,
-                               deliveries_only: bool = False) -> Optional[tuple[int, int]]:
-        """(time, vector) of the latest interrupt within the notify window up to ts on a vector
-        no device owns: a config vector candidate (`deliveries_only`: ApicAccepted only).
-        Capture forwards APIC deliveries of watched vectors, and of an unwatched one right after
-        its MSI was forwarded by activity discovery (one per vector per interval). A vector that
-        keeps firing (3 times or more among the recent MSIs) is a queue vector; a config vector
-        fires on config changes only (twice is allowed: split-irqchip VMMs inject a spurious MSI
-        when the guest programs the IOAPIC entry of a virtio-mmio line)."""
-        window = self.config.notify_window_ns
-        seen = Counter(vector for _, vector in vm.recent_msi)
-        latest = None
-        for ring in (vm.recent_apic,) if deliveries_only else (vm.recent_msi, vm.recent_apic):
-            for t, vector in reversed(ring):
-                if t < ts - window:
-                    break
-                if t <= ts and vector not in vm.vectors and seen[vector] <= 2:
-                    if latest is None or t > latest[0]:
-                        latest = (t, vector)
-                    break
-        return latest
 
     def _kick_device(self, vm: VmState, addr: int) -> Optional[DeviceState]:
         if addr in vm.notify:
             return vm.notify[addr]
         found = None
         mmio = vm.devices.get(f"{Space.MMIO}-0x{addr - MMIO_QUEUE_NOTIFY_OFFSET:x}")
-        if (addr % MMIO_ALIGN == MMIO_QUEUE_NOTIFY_OFFSET and mmio is not None
+        pv = self._pci.get(vm.identity.pid)
+        for bdf, dev in vm.pci_devices.items():
+            v = pv.model.virtio(bdf) if pv is not None else None
+            if v is not None and v.notify is not None and v.notify.contains(Space.MMIO, addr):
+                found = dev
+                break
+        if found is not None:
+            pass
+        elif (addr % MMIO_ALIGN == MMIO_QUEUE_NOTIFY_OFFSET and mmio is not None
                 and mmio.transport == Transport.MMIO):
             found = mmio
         else:
+            # a device found from its traffic only: QEMU's BAR layout places its notify area
             for dev in vm.devices.values():
                 lay = dev.layout
-                if (lay is not None and lay.transport == Transport.PCI_MODERN
+                if (lay is not None and dev.pci_bdf is None
+                        and lay.transport == Transport.PCI_MODERN
                         and 0 <= addr - lay.base - QEMU_NOTIFY_OFFSET < QEMU_NOTIFY_SIZE):
                     found = dev
                     break
@@ -767,16 +920,16 @@ class Correlator:
         vm.notify[addr] = found
         return found
 
-    def _kick(self, vm: VmState, ev: QueueNotify, out: list[Output]) -> None:
-        dev = self._kick_device(vm, ev.addr)
+    def _kick(self, vm: VmState, addr: int, ts: int, out: list[Output]) -> None:
+        dev = self._kick_device(vm, addr)
         if dev is None:
             return
-        dev.last_kick_ns = ev.ts_ns
+        dev.last_kick_ns = ts
         if dev.suspect_irq_ns is not None and dev.suspect_kick_ns is None \
-                and ev.ts_ns >= dev.suspect_irq_ns:
-            dev.suspect_kick_ns = ev.ts_ns
+                and ts >= dev.suspect_irq_ns:
+            dev.suspect_kick_ns = ts
         if id(dev) in self._suspects:
-            self._suspicion(vm, dev, ev.ts_ns, out)
+            self._suspicion(vm, dev, ts, out)
 
     def _suspicion(self, vm: VmState, dev: DeviceState, now: int, out: list[Output]) -> None:
         """Judge a pending suspicion at event time `now` (all events up to it processed)."""

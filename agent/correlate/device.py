@@ -54,12 +54,17 @@ class DeviceState:
     inferred_resets_total: int = 0    # a read of 0 with no reset write seen (lost event, VM reset)
     failed_total: int = 0
     config_interrupts_total: int = 0
-    config_vector: Optional[int] = None   # APIC vector of the config interrupt, once learned
-    vector_trusted: bool = False          # hinted, or seen before two NEEDS_RESET reads
-    vector_sightings: int = 0
-    gsi: Optional[int] = None             # INTx GSI, once learned
+    # the config interrupt, exactly as the guest programmed it (MSI-X entry msix_config of a
+    # modelled PCI function, or an operator hint); never guessed from timing
+    config_vector: Optional[int] = None   # APIC vector
+    config_dest: Optional[int] = None     # destination APIC id (None: any, logical mode)
+    gsi: Optional[int] = None             # INTx GSI (interrupt line of a modelled function, or hint)
+    gsi_shared: bool = False              # another device of the VM has the same line
+    pci_bdf: Optional[int] = None         # the PCI function, when its enumeration was seen
     msix_config: Optional[int] = None     # last msix_config / legacy config vector written
-    last_config_irq_ns: Optional[int] = None
+    last_config_irq_ns: Optional[int] = None   # when the last config interrupt was raised
+    last_config_seen_ns: Optional[int] = None  # when the last one was evidenced (raise time
+                                               # known or not: an ISR read with bit 1)
     config_irq_acked_ns: Optional[int] = None  # the delivered config irq an ISR read / ACK confirmed
     last_isr: int = 0                     # last ISR / InterruptStatus value read
     last_ack: int = 0                     # last virtio-mmio InterruptACK value written
@@ -67,11 +72,10 @@ class DeviceState:
     open_episode: Optional[Episode] = None
     notify_deadline_ns: Optional[int] = None  # the last episode waits for a config interrupt until
     notify_episode_start_ns: int = 0
-    watched: dict[int, int] = field(default_factory=dict)  # addr -> Register, asked of capture
+    watched: dict[tuple[str, int], int] = field(default_factory=dict)  # (space, addr) -> Register
     # NEEDS_RESET suspicion from kernel evidence (the guest never reads status): see
     # Correlator._suspicion. suspect_irq_ns: the config interrupt it waits on; suspect_kick_ns:
     # the first kick after it; suspected: NeedsResetSuspected was emitted.
-    last_generation: Optional[int] = None
     suspect_irq_ns: Optional[int] = None
     suspect_kick_ns: Optional[int] = None
     suspected: bool = False
@@ -84,17 +88,6 @@ class DeviceState:
     @property
     def config_irq_known(self) -> bool:
         return self.config_vector is not None or self.gsi is not None
-
-    @property
-    def config_irq_trusted(self) -> bool:
-        """Sure enough of the config interrupt to judge the notification rules by it: a GSI
-        (ISR bit 1 says which interrupts are config changes) or a hinted / twice-seen vector.
-        A vector seen once could be a queue interrupt that happened to come first."""
-        return self.gsi is not None or (self.config_vector is not None and self.vector_trusted)
-
-    @property
-    def no_config_vector(self) -> bool:
-        return self.msix_config == 0xFFFF and self.gsi is None
 
     # -- status register -----------------------------------------------------------------
 
@@ -221,17 +214,25 @@ class DeviceState:
 
     # -- interrupts ----------------------------------------------------------------------
 
-    def config_interrupt(self, vm: VmIdentity, ts: int) -> list[Output]:
-        """A configuration-change interrupt attributed to this device at ts."""
+    def config_interrupt(self, vm: VmIdentity, ts: int, timed: bool = True) -> list[Output]:
+        """A configuration-change interrupt of this device: raised at ts (timed), or evidenced at
+        ts by an ISR read when when it was raised is not known exactly."""
         out: list[Output] = []
         self.config_interrupts_total += 1
-        self.last_config_irq_ns = ts
-        if self.config_irq_trusted and self.status is not None and not self.status & DRIVER_OK:
+        self.last_config_seen_ns = ts
+        if timed:
+            self.last_config_irq_ns = ts
+        if self.config_irq_known and self.status is not None and not self.status & DRIVER_OK:
             out.append(Violation(ts, vm, self.id, Rule.NOTIFY_BEFORE_DRIVER_OK,
                                  f"config interrupt with status 0x{self.status:02x}"))
         if self.notify_deadline_ns is not None:
             self.notify_deadline_ns = None    # the notification came
         return out
+
+    def notified_since(self, ts: int, window_ns: int) -> bool:
+        """Was a config interrupt (timed or not) evidenced within the window up to ts?"""
+        t = self.last_config_seen_ns
+        return t is not None and ts - window_ns <= t <= ts and t > self.last_episode_end_ns
 
     def recent_config_irq(self, ts: int, window_ns: int) -> Optional[int]:
         """The config interrupt that can explain a NEEDS_RESET seen at ts, if any."""

@@ -12,7 +12,7 @@ from hypothesis import given, strategies as st
 
 from agent import events as E
 from agent.correlate import Correlator, CorrelatorConfig
-from agent.correlate.checkpoint import StateError, dump, restore
+from agent.correlate.checkpoint import VERSION, StateError, dump, restore
 from agent.model import (
     EpisodeEnded, EpisodeStuck, Evidence, Outcome, Rule, Transport, Violation, WatchInterrupt,
     WatchRegister,
@@ -197,12 +197,16 @@ def test_bad_states_are_refused_with_a_reason():
     with pytest.raises(StateError, match="version"):
         restore(c, {"version": 99, "vms": []}, lambda i: True, 0)
     with pytest.raises(StateError, match="malformed"):
-        restore(c, {"version": 1, "vms": [{"identity": {"pid": 1}}]}, lambda i: True, 0)
+        restore(c, {"version": VERSION, "vms": [{"identity": {"pid": 1}}]}, lambda i: True, 0)
     s, dev = script_with_episode()
     old = Correlator()
     feed(old, s.events)
     state = json.loads(json.dumps(dump(old)))
-    state["vms"][0]["devices"][0]["layout"][2] += 0x1000
+    saved = state["vms"][0]["devices"][0]
+    if saved["pci_bdf"] is not None:
+        saved["pci_bdf"] += 8       # the name of another PCI function
+    else:
+        saved["layout"][2] += 0x1000
     with pytest.raises(StateError, match="layout"):
         restore(Correlator(), state, lambda i: True, 0)
     busy = Correlator()

@@ -13,6 +13,7 @@ from typing import Optional
 from agent import events as E
 from agent.correlate import Correlator, CorrelatorConfig, DeviceHint
 from agent.model import Evidence, Rule, Transport
+from pciguest import Function, Guest
 
 MODERN_INIT = (0, 1, 3, 11, 15)
 LEGACY_INIT = (0, 1, 3, 7)
@@ -64,10 +65,29 @@ class Vm:
     def __init__(self, script: Script, pid: int, name: str, start_time: int) -> None:
         self.s, self.pid, self.name, self.start_time = script, pid, name, start_time
         self.tid = pid + 1
+        self.next_slot = 3
+        self.guest = Guest(pid, self.tid, script.step, script.emit)
 
     def device(self, transport: str = Transport.PCI_MODERN, base: int = 0xFEBF0000,
-               vector: int | None = None, gsi: int | None = None) -> "Dev":
-        return Dev(self, transport, base, vector, gsi)
+               vector: int | None = None, gsi: int | None = None,
+               enumerated: bool | None = None, type: str = "rng",
+               queue_vector: int | None = None) -> "Dev":
+        """A device at `base` (status block). A PCI device with a vector or GSI is enumerated
+        and programmed by the guest first (unless enumerated=False): the agent can know its
+        interrupt exactly. One without (or a virtio-mmio one) is found from its traffic."""
+        if enumerated is None:
+            enumerated = transport != Transport.MMIO and (vector is not None or gsi is not None)
+        fn = None
+        if enumerated:
+            legacy = transport == Transport.PCI_LEGACY
+            fn = Function((self.next_slot << 3), type=type, transitional=legacy,
+                          msix_vectors=2 if vector is not None else 0,
+                          bar4=base if not legacy else 0xFE000000 + (self.next_slot << 16),
+                          bar1=0xFEB80000 + (self.next_slot << 12),
+                          io_bar=base if legacy else 0xC000, line=gsi or 11)
+            self.next_slot += 1
+            self.guest.program(fn, vector, queue_vector)
+        return Dev(self, transport, base, vector, gsi, fn)
 
     def exit(self) -> None:
         self.s.emit(E.ProcessExit(self.s.step(), self.pid))
@@ -78,9 +98,13 @@ class Vm:
 
 class Dev:
     def __init__(self, vm: Vm, transport: str, base: int, vector: int | None,
-                 gsi: int | None) -> None:
+                 gsi: int | None, fn: Function | None = None) -> None:
         self.vm, self.transport, self.base = vm, transport, base
         self.vector, self.gsi = vector, gsi
+        self.fn = fn
+        # can the agent know when this device's config interrupts are raised? Yes when the guest
+        # programmed them where it could see (PCI enumeration) or an operator hint says
+        self.exact_irq = fn is not None
         self.s = vm.s
         if transport == Transport.PCI_LEGACY:
             self.space, self.size, self.status_addr = E.Space.PIO, 1, base + 18
@@ -92,13 +116,16 @@ class Dev:
             self.id = f"mmio-0x{base:x}"
         else:
             self.space, self.size, self.status_addr = E.Space.MMIO, 1, base + 0x14
-            self.isr_addr = None
+            self.isr_addr = fn.isr if fn is not None else None
             self.id = f"mmio-0x{base:x}"
+        if fn is not None:
+            self.id = fn.name
         self.init_values = LEGACY_INIT if transport == Transport.PCI_LEGACY else MODERN_INIT
         self.status = 0
         self.open: Truth | None = None
 
     def hint(self, named: bool = False) -> DeviceHint:
+        self.exact_irq = True
         return DeviceHint(self.space, self.status_addr, config_vector=self.vector, gsi=self.gsi,
                           transport=self.transport if named else "",
                           vm=self.vm.name if named else "")
@@ -165,7 +192,9 @@ class Dev:
         self.status |= E.DEVICE_NEEDS_RESET
         start = self.config_interrupt() if notify and (self.vector or self.gsi) else None
         saw = self.read(gap=react_gap)
-        known_irq = self.vector is not None or self.gsi is not None
+        known_irq = self.exact_irq and (self.vector is not None or self.gsi is not None)
+        if not self.exact_irq:
+            start = None     # raised, but when is not knowable: the episode starts at the read
         ep = Truth(self.vm.name, self.id,
                    Evidence.CONFIG_INTERRUPT if start is not None else Evidence.STATUS_READ,
                    start if start is not None else saw, guest_saw_ns=saw)

@@ -28,7 +28,7 @@ VM_B = VmIdentity(pid=200, start_time=6000, name="db-1")
 def recovered(vm=VM_A, device="pci-0000:00:03.0", start=10 * S, saw=0.001, reset=0.002,
               done=0.0021, ok=0.0035, type_="net", transport=Transport.PCI_MODERN) -> Episode:
     return Episode(vm=vm, device=device, type=type_, transport=transport,
-                   evidence=Evidence.STATUS_READ, start_ns=start,
+                   evidence=Evidence.CONFIG_INTERRUPT, start_ns=start,
                    guest_saw_ns=start + int(saw * S), reset_written_ns=start + int(reset * S),
                    reset_done_ns=start + int(done * S), driver_ok_ns=start + int(ok * S),
                    end_ns=start + int(ok * S), outcome=Outcome.RECOVERED,
@@ -142,6 +142,16 @@ def test_every_documented_metric_is_exported():
     for fam in text_string_to_metric_families(text):
         exported.add(fam.name if fam.type != "counter" else fam.name + "_total")
     assert documented <= exported, documented - exported
+
+
+def test_an_episode_without_a_known_config_interrupt_observes_no_notify_phase():
+    h = EpisodeHistograms()
+    ep = recovered()
+    ep.evidence, ep.guest_saw_ns = Evidence.STATUS_READ, ep.start_ns
+    h.observe(EpisodeEnded(ep))
+    s = scrape(AgentCollector(lambda: None, h, build_info=BUILD))["samples"]
+    assert value(s, "virtio_recovery_phase_duration_seconds_count", phase="notify") == 0
+    assert value(s, "virtio_recovery_phase_duration_seconds_count", phase="react") == 1
 
 
 def test_histograms_cover_recovered_episodes_only():

@@ -32,7 +32,7 @@ def test_recovered_line_has_exactly_the_documented_fields():
     assert (rec["vm"], rec["namespace"], rec["device"]) == ("web-1", "prod", "pci-0000:00:03.0")
     assert rec["start_ns"] == 10 * S and rec["driver_ok_ns"] == 10 * S + 3_500_000
     assert rec["recovery_seconds"] == ep.recovery_seconds
-    assert rec["evidence"] == "status_read"
+    assert rec["evidence"] == "config_interrupt"
 
 
 def test_stuck_and_abandoned_have_null_phases():

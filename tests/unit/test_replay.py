@@ -42,7 +42,7 @@ def test_json_output_has_the_exact_episode(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     [done, still] = doc["episodes"]
     assert (done["vm"], done["device"], done["outcome"], done["evidence"]) == (
-        "lab-guest", "mmio-0xfebf1000", "recovered", Evidence.CONFIG_INTERRUPT)
+        "lab-guest", "pci-0000:00:03.0", "recovered", Evidence.CONFIG_INTERRUPT)
     assert done["start_ns"] == truth.start_ns and done["driver_ok_ns"] == truth.driver_ok_ns
     assert done["recovery_seconds"] == (truth.driver_ok_ns - truth.start_ns) / 1e9
     assert set(done["phase_seconds"]) == {"notify", "react", "reset", "reinit"}
@@ -50,7 +50,8 @@ def test_json_output_has_the_exact_episode(tmp_path, capsys):
     assert still["start_ns"] == open_ep.start_ns
     assert doc["episodes_ended"] == {"recovered": 1}
     assert doc["stats"]["events"] > 10 and doc["stats"]["malformed_lines"] == 0
-    assert {d["device"] for d in doc["devices"]} == {"mmio-0xfebf1000", "pio-0xc040"}
+    assert {(d["device"], d["type"]) for d in doc["devices"]} == {
+        ("pci-0000:00:03.0", "rng"), ("pio-0xc040", "unknown")}
 
 
 def test_table_output_and_stuck_marking(tmp_path, capsys):
@@ -114,10 +115,10 @@ def test_missing_file_and_bad_options(tmp_path, capsys):
 
 def test_hint_gives_the_type(tmp_path, capsys):
     path, _, _ = recording(tmp_path)
-    assert cli_main(["replay", "--json", "--hint", "mmio:0xfebf1014:pci-modern:net",
+    assert cli_main(["replay", "--json", "--hint", "pio:0xc052:pci-legacy:net",
                      str(path)]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["episodes"][0]["type"] == "net"
+    assert doc["episodes"][1]["device"] == "pio-0xc040" and doc["episodes"][1]["type"] == "net"
 
 
 def test_stdin_through_the_real_command(tmp_path):

@@ -1,6 +1,7 @@
 """agent.state_file on a fixture /proc, and the run loop handing an open episode over a restart."""
 from __future__ import annotations
 
+from agent.correlate.checkpoint import VERSION
 import io
 import json
 import time
@@ -31,8 +32,8 @@ def test_save_load_round_trip_and_other_boots_are_ignored(tmp_path):
     sf = StateFile(path, proc_root=proc)
     assert sf.acquire() is None
     assert sf.load() is None                      # no file yet
-    sf.save({"version": 1, "vms": []})
-    assert sf.load() == {"version": 1, "vms": []}
+    sf.save({"version": VERSION, "vms": []})
+    assert sf.load() == {"version": VERSION, "vms": []}
     assert oct(Path(path).stat().st_mode & 0o777) == "0o600"
     assert not Path(path + ".tmp").exists()
     other = StateFile(path, proc_root=fake_proc(tmp_path / "b", boot="boot-2"))
@@ -152,7 +153,7 @@ def test_a_state_that_cannot_be_restored_leaves_a_fresh_correlator(tmp_path, cap
     assert sf.acquire() is None
     good_vm = {"identity": {"pid": 4242, "start_time": 777, "name": "a", "namespace": "",
                             "uuid": "", "vmm": "qemu"}, "fallback": False, "devices": []}
-    sf.save({"version": 1, "vms": [good_vm, {"identity": {"pid": 1}}]})   # second one broken
+    sf.save({"version": VERSION, "vms": [good_vm, {"identity": {"pid": 1}}]})   # second one broken
     agent = run.Agent(ScriptedSource([]), Correlator(), lambda pid: None, state_file=sf)
     agent.restore()
     assert "ignoring state file" in caplog.text
@@ -222,11 +223,11 @@ def test_hostile_state_files_are_ignored(tmp_path, caplog):
     for bad in ({**vm, "identity": {**vm["identity"], "start_time": "777"}},
                 {**vm, "identity": {**vm["identity"], "pid": True}}):
         with pytest.raises(StateError):
-            restore(Correlator(), {"version": 1, "vms": [bad]}, lambda i: True, 0)
+            restore(Correlator(), {"version": VERSION, "vms": [bad]}, lambda i: True, 0)
     with pytest.raises(StateError, match="twice"):
-        restore(Correlator(), {"version": 1, "vms": [vm, vm]}, lambda i: True, 0)
+        restore(Correlator(), {"version": VERSION, "vms": [vm, vm]}, lambda i: True, 0)
     assert sf.acquire() is None
-    sf.save({"version": 1, "vms": [vm]})
+    sf.save({"version": VERSION, "vms": [vm]})
     agent = run.Agent(ScriptedSource([]), Correlator(), lambda pid: None, state_file=sf)
     agent.restore()
     assert agent.restored["vms"] == 1
