@@ -8,9 +8,10 @@
 // A guest controls the exit rate, so filtering happens here: register accesses are forwarded
 // only when (value, op) changes per register (identical ones are counted and folded into the
 // next event's `repeats`), unwatched addresses only as rate-limited discovery candidates,
-// interrupts only for vectors/GSIs userspace marked interesting. Apart from status registers,
-// everything forwarded is bounded per VM: by a token bucket, or to one event per register /
-// address / vector per activity interval. Everything else is counted.
+// interrupts only for vectors/GSIs userspace marked interesting, PCI configuration-space
+// accesses (ports 0xcf8/0xcfc, or the VM's ECAM window) on change per config address. Apart from
+// status registers, everything forwarded is bounded per VM: by a token bucket, or to one event
+// per register / address / vector per activity interval. Everything else is counted.
 
 #include <uapi/linux/ptrace.h>
 
@@ -32,6 +33,9 @@
 #ifndef INFLIGHT_ENTRIES
 #define INFLIGHT_ENTRIES 1024
 #endif
+#ifndef CFG_ENTRIES
+#define CFG_ENTRIES 16384
+#endif
 
 // keep in sync with agent/capture/decode.py
 #define EV_ACCESS 1
@@ -44,10 +48,12 @@
 
 #define SPACE_MMIO 0
 #define SPACE_PIO 1
+#define SPACE_PCICFG 3    // PCI configuration space: addr = bus << 20 | dev << 15 | fn << 12 | offset
 #define OP_READ 0
 #define OP_WRITE 1
 
 #define REG_STATUS 1      // agent.events.Register.STATUS
+#define REG_QUEUE_NOTIFY 4  // agent.events.Register.QUEUE_NOTIFY
 #define REG_ISR 5         // agent.events.Register.ISR
 
 #define IRQ_KIND_VECTOR 0
@@ -72,7 +78,9 @@
 #define C_KERNEL_READ_ERROR 15
 #define C_ACTIVITY_FORWARDED 16  // unwatched MSIs / kicks forwarded by activity discovery
 #define C_ACTIVITY_FOLDED 17     // ... folded (same vector / address within the interval)
-#define C_NCOUNTERS 18
+#define C_CONFIG_FORWARDED 18    // PCI configuration-space accesses forwarded (changes)
+#define C_CONFIG_RATE_LIMITED 19 // ... changes over the VM's config bucket (also in C_RATE_LIMITED)
+#define C_NCOUNTERS 20
 
 // config array slots; written by userspace before attaching
 #define CFG_DISCOVERY_RATE 0   // candidate events per second per VM (0 = discovery off)
@@ -84,7 +92,11 @@
 #define CFG_ACTIVITY_INTERVAL 6  // ns: one event per MSI vector / notify address / identical
                                  // write or ISR read of a watched register per interval
 #define CFG_ACTIVITY_DISCOVERY 7 // 1: unwatched MSIs and kicks are forwarded (activity discovery)
-#define CFG_N 8
+#define CFG_CONFIG_RATE 8      // refill of the config bucket (PCI config-space changes), per s per VM
+#define CFG_CONFIG_BURST 9
+#define CFG_ECAM_LO 10         // lowest base and highest end of all VMs' ECAM windows (userspace):
+#define CFG_ECAM_HI 11         // other MMIO accesses skip the per-VM window lookup
+#define CFG_N 12
 
 // token buckets per VM (take_token; `buckets` keyed by VM and kind)
 #define B_DISCOVERY 0   // status-register candidates (CFG_DISCOVERY_*)
@@ -94,9 +106,17 @@
 #define B_WATCHED 3     // changes of watched non-status registers: a VM with many
                         // busy queues drains its activity bucket, and a re-initialising driver's
                         // msix_config writes must still pass
-#define B_KINDS 4
+#define B_CONFIG 4      // changes of PCI configuration space (CFG_CONFIG_*): a firmware or OS
+                        // enumeration is a burst of a few hundred to a few thousand
+#define B_KINDS 5
 
 #define SPACE_NOTIFY 2    // candidates-map key space of queue notify addresses (never watched)
+
+// legacy PCI configuration mechanism #1: a 4-byte write to 0xcf8 latches
+// enable (bit 31) | bus (23:16) | device (15:11) | function (10:8) | register (7:2); an access to
+// 0xcfc..0xcff then reaches that register + (port & 3)
+#define PCI_CONFIG_ADDRESS 0xcf8
+#define PCI_CONFIG_DATA 0xcfc
 
 struct event {
     u64 ts;
@@ -125,7 +145,8 @@ struct reg_state {
     u32 repeats;
     u8 op;
     u8 valid;
-    u8 pad[2];
+    u8 size;        // cfg_state only: the access size is part of "identical"
+    u8 pad;
 };
 
 struct watch_val {
@@ -156,6 +177,12 @@ struct inflight {
     u64 fd;
 };
 
+// a VM's ECAM (MMCONFIG) window, written by userspace (Capture.watch_ecam)
+struct ecam_window {
+    u64 base;
+    u64 size;
+};
+
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(watch, struct reg_key, struct watch_val, WATCH_ENTRIES);
 BPF_TABLE("lru_hash", struct reg_key, struct reg_state, candidates, CAND_ENTRIES);
@@ -166,6 +193,11 @@ BPF_TABLE("lru_hash", struct irq_key, u64, irq_seen, CAND_ENTRIES);
 BPF_TABLE("lru_hash", struct irq_key, u64, apic_pending, VM_ENTRIES);
 BPF_HASH(irq_watch, struct irq_key, u8, IRQ_ENTRIES);
 BPF_TABLE("lru_hash", u64, struct inflight, inflight_ioctl, INFLIGHT_ENTRIES);
+// PCI configuration space: each VM's 0xcf8 latch, its ECAM window, and the last forwarded
+// (value, op, size) per (VM, config address)
+BPF_TABLE("lru_hash", u32, u32, cf8_latch, VM_ENTRIES);
+BPF_HASH(ecam, u32, struct ecam_window, VM_ENTRIES);
+BPF_TABLE("lru_hash", struct reg_key, struct reg_state, cfg_state, CFG_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 BPF_ARRAY(config, u64, CFG_N);
 
@@ -216,16 +248,23 @@ static __always_inline void submit(struct event *e)
 }
 
 // token bucket per VM (tokens scaled by 1e9 to stay in integers): `which` is B_DISCOVERY
-// (status-register candidates), B_ACTIVITY (unwatched MSIs and kicks), B_IRQ (watched
-// interrupts) or B_WATCHED (changes of watched non-status registers); the last three have the
-// activity rate and burst
+// (status-register candidates), B_CONFIG (PCI configuration-space changes), B_ACTIVITY
+// (unwatched MSIs and kicks), B_IRQ (watched interrupts) or B_WATCHED (changes of watched
+// non-status registers); the last three have the activity rate and burst
 static __always_inline int take_token(u32 tgid, int which)
 {
-    int disc = which == B_DISCOVERY;
-    u64 rate = cfg(disc ? CFG_DISCOVERY_RATE : CFG_ACTIVITY_RATE);
+    int rate_slot = CFG_ACTIVITY_RATE, burst_slot = CFG_ACTIVITY_BURST;
+    if (which == B_DISCOVERY) {
+        rate_slot = CFG_DISCOVERY_RATE;
+        burst_slot = CFG_DISCOVERY_BURST;
+    } else if (which == B_CONFIG) {
+        rate_slot = CFG_CONFIG_RATE;
+        burst_slot = CFG_CONFIG_BURST;
+    }
+    u64 rate = cfg(rate_slot);
     if (rate == 0)
         return 0;
-    u64 cap = cfg(disc ? CFG_DISCOVERY_BURST : CFG_ACTIVITY_BURST) * 1000000000ULL;
+    u64 cap = cfg(burst_slot) * 1000000000ULL;
     u64 now = bpf_ktime_get_ns();
     struct bucket_key bk = {.tgid = tgid, .which = which};
     struct bucket *b = buckets.lookup(&bk);
@@ -266,7 +305,7 @@ static __always_inline int is_candidate(u32 space, u64 addr, u32 size, u64 value
     return size == 4 && (addr & 0x1ff) == 0x70;
 }
 
-static __always_inline void handle_notify(u64 gpa);
+static __always_inline void handle_notify(u64 gpa, struct watch_val *w);
 
 // a reserved EV_ACCESS record, filled but for `repeats` (0 if the ring buffer is full)
 static __always_inline struct event *access_event(u32 space, u8 op, u64 addr, u32 size,
@@ -320,6 +359,80 @@ static __always_inline void handle_candidate(struct reg_key *k, u8 op, u32 size,
     submit(e);
 }
 
+// A PCI configuration-space access (through 0xcf8/0xcfc or an ECAM window): forwarded when
+// (value, op, size) differs from the last one forwarded for that config address of the VM;
+// identical ones are folded into the next event's `repeats`. A change needs a token of the VM's
+// config bucket. Per config address, not per port: two functions with the same ids, read one
+// after the other, are both forwarded.
+static __always_inline void handle_config(u32 tgid, u8 op, u64 addr, u32 size, u64 value)
+{
+    struct reg_key k = {};
+    k.tgid = tgid;
+    k.space = SPACE_PCICFG;
+    k.addr = addr;
+    struct reg_state *st = cfg_state.lookup(&k);
+    if (st && st->valid && st->last == value && st->op == op && st->size == size) {
+        __sync_fetch_and_add(&st->repeats, 1);
+        count(C_REPEAT);
+        return;
+    }
+    if (!take_token(tgid, B_CONFIG)) {
+        count(C_RATE_LIMITED);
+        count(C_CONFIG_RATE_LIMITED);
+        return;     // state untouched: a later access equal to the last forwarded one folds
+    }
+    struct event *e = access_event(SPACE_PCICFG, op, addr, size, value, 0);
+    if (!e)
+        return;     // state untouched: the next identical access retries
+    if (st) {
+        e->repeats = st->repeats;
+        st->repeats = 0;
+        st->last = value;
+        st->op = op;
+        st->size = size;
+        st->valid = 1;
+    } else {
+        struct reg_state z = {};
+        z.last = value;
+        z.op = op;
+        z.size = size;
+        z.valid = 1;
+        if (cfg_state.update(&k, &z) != 0)
+            count(C_CANDIDATE_MAP_FULL);
+    }
+    count(C_CONFIG_FORWARDED);
+    submit(e);
+}
+
+// Ports 0xcf8..0xcff: a 4-byte write to 0xcf8 sets the VM's latch (not forwarded); an access
+// to 0xcfc..0xcff with the latch enabled is a config-space access. Returns 1 if it consumed
+// the access (anything else, e.g. 0xcf9 reset control, goes the usual way).
+static __always_inline int handle_pci_port(u32 tgid, u8 op, u64 port, u32 size, u64 value)
+{
+    if (port == PCI_CONFIG_ADDRESS) {
+        if (op != OP_WRITE || size != 4)
+            return 0;
+        u32 latch = value;
+        u32 *cur = cf8_latch.lookup(&tgid);
+        if (cur)
+            *cur = latch;
+        else
+            cf8_latch.update(&tgid, &latch);
+        return 1;
+    }
+    if (port < PCI_CONFIG_DATA)
+        return 0;
+    u32 *latch = cf8_latch.lookup(&tgid);
+    if (!latch)
+        return 0;
+    u32 l = *latch;
+    if (!(l & 0x80000000))
+        return 0;
+    handle_config(tgid, op, (u64)((l >> 8) & 0xffff) << 12 | (l & 0xfc) | (port & 3), size,
+                  value);
+    return 1;
+}
+
 static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, u64 value)
 {
     struct reg_key k = {};
@@ -327,15 +440,28 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
     k.space = space;
     k.addr = addr;
 
+    // the port compare first: every other port goes straight to the watch lookup
+    if (space == SPACE_PIO && (addr & ~7ULL) == PCI_CONFIG_ADDRESS &&
+        handle_pci_port(k.tgid, op, addr, size, value))
+        return;
+
     struct watch_val *w = watch.lookup(&k);
     if (!w) {
+        // the VM's ECAM window, if userspace gave one: config-space accesses
+        if (space == SPACE_MMIO && addr >= cfg(CFG_ECAM_LO) && addr < cfg(CFG_ECAM_HI)) {
+            struct ecam_window *win = ecam.lookup(&k.tgid);
+            if (win && addr - win->base < win->size) {
+                handle_config(k.tgid, op, addr - win->base, size, value);
+                return;
+            }
+        }
         // queue kicks: modern virtio-pci notify is a 16-bit write of the queue index (an
         // ioeventfd; kvm_fast_mmio where KVM has that path, else here), virtio-mmio QueueNotify
         // a 32-bit write at +0x50. Other 16-bit writes (queue setup) pass here too: correlation
         // ignores addresses it cannot place; the activity bucket bounds them all.
         if (space == SPACE_MMIO && op == OP_WRITE &&
             (size == 2 || (size == 4 && (addr & 0x1ff) == 0x50))) {
-            handle_notify(addr);
+            handle_notify(addr, 0);
             return;
         }
         if (!is_candidate(space, addr, size, value)) {
@@ -346,8 +472,12 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
         return;
     }
 
-    struct reg_state *st = &w->st;
     u32 reg = w->reg;
+    if (reg == REG_QUEUE_NOTIFY && space == SPACE_MMIO && op == OP_WRITE) {
+        handle_notify(addr, w);     // a kick, whichever way KVM traced it
+        return;
+    }
+    struct reg_state *st = &w->st;
     int identical = st->valid && st->last == value && st->op == op;
     u32 now_ms = 0;
     if (reg == REG_STATUS) {
@@ -433,15 +563,15 @@ static __always_inline void handle_mmio(u32 type, u32 len, u64 gpa, u64 val)
 // VM's activity bucket, taken before a new address goes into the shared `candidates` LRU (a
 // guest sweeping addresses cannot evict other VMs' state faster than its bucket allows).
 // Correlation uses them to tell a device that is still driven from one that is idle.
-static __always_inline void handle_notify(u64 gpa)
+// `w`: the address's watch entry (0 if unwatched).
+static __always_inline void handle_notify(u64 gpa, struct watch_val *w)
 {
     struct reg_key k = {};
     k.tgid = bpf_get_current_pid_tgid() >> 32;
-    k.space = SPACE_MMIO;
+    k.space = SPACE_NOTIFY;
     k.addr = gpa;
     struct reg_state *st;
     int candidate = 0;
-    struct watch_val *w = watch.lookup(&k);
     if (w) {
         st = &w->st;
     } else {
@@ -450,7 +580,6 @@ static __always_inline void handle_notify(u64 gpa)
             return;
         }
         candidate = 1;
-        k.space = SPACE_NOTIFY;
         st = candidates.lookup(&k);
     }
     u64 now = bpf_ktime_get_ns();
@@ -488,7 +617,11 @@ static __always_inline void handle_notify(u64 gpa)
 
 static __always_inline void handle_fast_mmio(u64 gpa)
 {
-    handle_notify(gpa);
+    struct reg_key k = {};
+    k.tgid = bpf_get_current_pid_tgid() >> 32;
+    k.space = SPACE_MMIO;
+    k.addr = gpa;
+    handle_notify(gpa, watch.lookup(&k));
 }
 
 // An MSI on a vector nobody watches yet: forwarded at most once per vector per interval and

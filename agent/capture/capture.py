@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from agent.events import Event, ProcessExit, Register, Space
-from agent.model import WatchInterrupt, WatchRegister
+from agent.model import WatchEcam, WatchInterrupt, WatchRegister
 
 from . import decode as dec
 from .hooks import FAMILIES, Family, HookStatus, check, kvm_is_module
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 SOURCE = "capture.c"
 # maps whose fill is reported (name -> grows with guests)
 REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl",
-                 "irq_seen", "apic_pending")
+                 "irq_seen", "apic_pending", "cf8_latch", "ecam", "cfg_state")
 CFG_DISCOVERY_RATE = 0
 CFG_DISCOVERY_BURST = 1
 CFG_PIO_MIN_PORT = 2
@@ -29,6 +29,12 @@ CFG_ACTIVITY_RATE = 4
 CFG_ACTIVITY_BURST = 5
 CFG_ACTIVITY_INTERVAL = 6
 CFG_ACTIVITY_DISCOVERY = 7
+CFG_CONFIG_RATE = 8
+CFG_CONFIG_BURST = 9
+CFG_ECAM_LO = 10
+CFG_ECAM_HI = 11
+# an ECAM window covers at most 256 buses of 32 devices of 8 functions of 4 KiB
+ECAM_MAX_SIZE = 1 << 28
 # activity bucket refill (per second per VM) when activity_rate=0 turned activity discovery off:
 # changes of watched non-status registers and watched interrupts are still rate limited
 DEFAULT_ACTIVITY_RATE = 100
@@ -71,7 +77,8 @@ class Capture:
                  activity_burst: int = 64, activity_interval_ms: int = 200,
                  raw_tracepoints: Optional[bool] = None, watch_entries: int = 4096,
                  candidate_entries: int = 4096, vm_entries: int = 1024,
-                 irq_entries: int = 4096) -> None:
+                 irq_entries: int = 4096, config_rate: int = 1000, config_burst: int = 4096,
+                 config_entries: int = 16384) -> None:
         names = set(FAMILIES) if hooks is None else set(hooks)
         unknown = names - set(FAMILIES)
         if unknown:
@@ -83,6 +90,10 @@ class Capture:
         if activity_rate < 0 or activity_burst < 1 or activity_interval_ms < 1:
             raise ValueError("activity_rate must be >= 0, activity_burst and "
                              "activity_interval_ms >= 1")
+        if config_rate < 0 or config_burst < 1 or config_entries < 1:
+            raise ValueError("config_rate must be >= 0, config_burst and config_entries >= 1")
+        self.config_rate = config_rate
+        self.config_burst = config_burst
         self.activity_rate = activity_rate
         self.activity_burst = activity_burst
         self.activity_interval_ms = activity_interval_ms
@@ -93,7 +104,8 @@ class Capture:
         self.pio_min_port = pio_min_port
         self.raw_tracepoints = raw_tracepoints
         self.sizes = {"WATCH_ENTRIES": watch_entries, "CAND_ENTRIES": candidate_entries,
-                      "VM_ENTRIES": vm_entries, "IRQ_ENTRIES": irq_entries}
+                      "VM_ENTRIES": vm_entries, "IRQ_ENTRIES": irq_entries,
+                      "CFG_ENTRIES": config_entries}
         self.hook_status: dict[str, HookStatus] = {}
         self.bpf = None
         self._batch: list[Event] = []
@@ -103,6 +115,7 @@ class Capture:
         # mirror of what we put in watch / irq_watch, per pid, to clean up on ProcessExit
         self._watched: dict[int, set] = {}
         self._irqs: dict[int, set] = {}
+        self._ecams: dict[int, tuple[int, int]] = {}    # pid -> ECAM window (base, end)
         self._exited: list[int] = []
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -233,6 +246,8 @@ class Capture:
         cfg[ctypes.c_int(CFG_ACTIVITY_BURST)] = ctypes.c_uint64(self.activity_burst)
         cfg[ctypes.c_int(CFG_ACTIVITY_INTERVAL)] = ctypes.c_uint64(
             self.activity_interval_ms * 1_000_000)
+        cfg[ctypes.c_int(CFG_CONFIG_RATE)] = ctypes.c_uint64(self.config_rate)
+        cfg[ctypes.c_int(CFG_CONFIG_BURST)] = ctypes.c_uint64(self.config_burst)
 
     # ---- events ----------------------------------------------------------------------
     def _on_event(self, _ctx, data, size) -> None:
@@ -274,6 +289,8 @@ class Capture:
             raise CaptureError("capture is not started")
         if req.space not in dec.SPACE_CODES:
             raise ValueError(f"unknown address space {req.space!r}")
+        if req.space == Space.PCICFG:
+            raise ValueError("PCI configuration space is forwarded on change without watches")
         if req.register not in Register.NAMES:
             raise ValueError(f"unknown register kind {req.register!r}")
         watch, cands = self.bpf[b"watch"], self.bpf[b"candidates"]
@@ -322,6 +339,62 @@ class Capture:
         return RegisterState(register=val.reg, valid=bool(val.st.valid), last=val.st.last,
                              op=dec.OPS.get(val.st.op, "?"), repeats=val.st.repeats)
 
+    def config_state(self, pid: int, addr: int) -> Optional[RegisterState]:
+        """What the kernel keeps for a PCI configuration-space address of VM `pid` (last
+        forwarded value and op, identical accesses folded since); None if it keeps nothing."""
+        if self.bpf is None:
+            raise CaptureError("capture is not started")
+        table = self.bpf[b"cfg_state"]
+        val = table.get(table.Key(pid, dec.SPACE_PCICFG, addr))
+        if val is None:
+            return None
+        return RegisterState(register=Register.UNKNOWN, valid=bool(val.valid), last=val.last,
+                             op=dec.OPS.get(val.op, "?"), repeats=val.repeats)
+
+    def watch_ecam(self, req: WatchEcam) -> bool:
+        """Translate VM req.pid's MMIO accesses in [base, base + size) into PCI configuration
+        space (addr = gpa - base); add=False forgets the VM's window. One window per VM: a
+        new one replaces the old. False (and counted) if the map refused it."""
+        if self.bpf is None:
+            raise CaptureError("capture is not started")
+        table = self.bpf[b"ecam"]
+        key = ctypes.c_uint32(req.pid)
+        if not req.add:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+            self._ecams.pop(req.pid, None)
+            self._ecam_bounds()
+            return True
+        if req.pid <= 0 or req.pid >= 1 << 32:
+            raise ValueError(f"WatchEcam: bad pid {req.pid}")
+        if not 0 < req.size <= ECAM_MAX_SIZE or req.size % 4096:
+            raise ValueError(f"WatchEcam: size {req.size:#x} is not a multiple of 4 KiB "
+                             f"up to {ECAM_MAX_SIZE:#x}")
+        if not 0 <= req.base < 2**64 - req.size:
+            raise ValueError(f"WatchEcam: base {req.base:#x} out of range")
+        val = table.Leaf()
+        val.base = req.base
+        val.size = req.size
+        try:
+            table[key] = val
+        except Exception as exc:
+            self._watch_errors += 1
+            log.debug("ecam map update failed: %s", exc)
+            return False
+        self._ecams[req.pid] = (req.base, req.base + req.size)
+        self._ecam_bounds()
+        return True
+
+    def _ecam_bounds(self) -> None:
+        """The kernel looks a VM's window up only for MMIO accesses within all windows' span."""
+        lo = min((b for b, _ in self._ecams.values()), default=0)
+        hi = max((e for _, e in self._ecams.values()), default=0)
+        cfg = self.bpf[b"config"]
+        cfg[ctypes.c_int(CFG_ECAM_LO)] = ctypes.c_uint64(lo)
+        cfg[ctypes.c_int(CFG_ECAM_HI)] = ctypes.c_uint64(hi)
+
     def watch_interrupt(self, req: WatchInterrupt) -> bool:
         if self.bpf is None:
             raise CaptureError("capture is not started")
@@ -361,6 +434,21 @@ class Capture:
                 del table[table.Key(pid, kind, num, 0)]
             except KeyError:
                 pass
+        # PCI configuration space: the latch, the ECAM window and the folding state (else a
+        # new VM that gets the pid would have its first reads folded against the old VM's)
+        for name in (b"cf8_latch", b"ecam"):
+            try:
+                del self.bpf[name][ctypes.c_uint32(pid)]
+            except KeyError:
+                pass
+        if self._ecams.pop(pid, None) is not None:
+            self._ecam_bounds()
+        cfg = self.bpf[b"cfg_state"]
+        for key in [k for k in _map_keys(cfg) if k.tgid == pid]:
+            try:
+                del cfg[key]
+            except KeyError:
+                pass
 
     # ---- stats -----------------------------------------------------------------------
     def counters(self) -> dict[str, int]:
@@ -379,7 +467,7 @@ class Capture:
         if self.bpf is not None:
             for name in REPORTED_MAPS:
                 t = self.bpf[name.encode()]
-                maps[name] = MapFill(sum(1 for _ in t.keys()), t.max_entries)
+                maps[name] = MapFill(len(_map_keys(t)), t.max_entries)
             for fname, fn in self.bpf.funcs.items():
                 ps = prog_fdinfo(fn.fd)
                 if ps is not None:
@@ -393,6 +481,31 @@ class Capture:
             forwarded=c.get("forwarded", 0), delivered=self._delivered,
             filtered={r: c.get(r, 0) for r in FILTER_REASONS}, lost=lost, counters=c,
             maps=maps, programs=programs, bpf_stats_enabled=bpf_stats_enabled())
+
+
+def _map_keys(table) -> list:
+    """The keys of a BPF hash map: one BPF_MAP_LOOKUP_BATCH (Linux 5.6+) rather than a syscall
+    per key (a full 16k-entry map: ~2 ms instead of ~25 ms); iterates where batches fail."""
+    from bcc.libbcc import lib
+    n = table.max_entries
+    keys, values = (table.Key * n)(), (table.Leaf * n)()
+    token, count, total = ctypes.c_uint32(0), ctypes.c_uint32(0), 0
+    while total < n:
+        count.value = n - total
+        res = lib.bpf_lookup_batch(table.map_fd, ctypes.byref(token) if total else None,
+                                   ctypes.byref(token),
+                                   ctypes.byref(keys, ctypes.sizeof(table.Key) * total),
+                                   ctypes.byref(values, ctypes.sizeof(table.Leaf) * total),
+                                   ctypes.byref(count))
+        err = ctypes.get_errno()
+        total += count.value
+        if res != 0:
+            if err == errno.ENOENT:
+                break           # the whole map was read
+            return list(table.keys())
+        if count.value == 0:
+            break
+    return list(keys[:total])
 
 
 def _short(exc: BaseException) -> str:

@@ -23,7 +23,8 @@ EV_APIC = 5
 EV_VHOST_STATUS = 6
 EV_EXIT = 7
 
-SPACES = {0: Space.MMIO, 1: Space.PIO}
+SPACE_PCICFG = 3   # (2 is the C side's candidates-map key space of queue notify addresses)
+SPACES = {0: Space.MMIO, 1: Space.PIO, SPACE_PCICFG: Space.PCICFG}
 SPACE_CODES = {v: k for k, v in SPACES.items()}
 OPS = {0: Op.READ, 1: Op.WRITE}
 
@@ -32,7 +33,8 @@ COUNTERS = (
     "forwarded", "repeat", "unwatched", "uninteresting_irq", "rate_limited", "ringbuf_full",
     "unsatisfied_read", "candidate_map_full", "vhost_ioctl", "kvm_signal_msi", "kvm_irqfd",
     "kvm_ioeventfd", "kvm_set_gsi_routing", "user_read_error", "inflight_full",
-    "kernel_read_error", "activity_forwarded", "activity_folded",
+    "kernel_read_error", "activity_forwarded", "activity_folded", "config_forwarded",
+    "config_rate_limited",
 )
 
 IRQ_KIND_VECTOR = 0

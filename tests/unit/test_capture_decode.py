@@ -9,7 +9,7 @@ import pytest
 from agent.capture import decode as dec
 from agent.events import (
     ApicAccepted, IrqLine, MsiInjected, Op, ProcessExit, QueueNotify, Register, RegisterAccess,
-    Space, VhostStatus, from_json, to_json,
+    Space, VhostStatus, from_json, pcicfg_addr, pcicfg_split, to_json,
 )
 
 BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "capture.c"
@@ -30,6 +30,18 @@ def test_status_read_pio_with_repeats():
     assert isinstance(ev, RegisterAccess)
     assert (ev.space, ev.op, ev.addr, ev.value, ev.repeats, ev.register) == (
         Space.PIO, Op.READ, 0xC012, 0x4F, 99_999, Register.UNKNOWN)
+
+
+def test_pci_config_space_access():
+    addr = pcicfg_addr(0, 3, 0, 0x10)      # BAR0 of 00:03.0
+    raw = dec.encode(ts=6, addr=addr, value=0xFFFFFFFF, tgid=7, tid=8, size=4, repeats=2,
+                     etype=dec.EV_ACCESS, op=1, space=dec.SPACE_PCICFG)
+    ev = dec.decode(raw)
+    assert ev == RegisterAccess(ts_ns=6, pid=7, tid=8, space=Space.PCICFG, op=Op.WRITE,
+                                addr=addr, size=4, value=0xFFFFFFFF,
+                                register=Register.UNKNOWN, repeats=2)
+    assert pcicfg_split(ev.addr) == (3 << 3, 0x10)
+    assert from_json(to_json(ev)) == ev
 
 
 def test_8_byte_value_is_unsigned():
@@ -82,6 +94,8 @@ def test_decoded_events_round_trip_json():
     (dec.encode(ts=1, etype=99), "unknown event type 99"),
     (dec.encode(ts=1, etype=dec.EV_ACCESS, size=3), "size 3"),
     (dec.encode(ts=1, etype=dec.EV_ACCESS, size=1, space=7), "space 7"),
+    # 2 is the kernel's key space of queue notify addresses, never an access's space
+    (dec.encode(ts=1, etype=dec.EV_ACCESS, size=1, space=2), "space 2"),
     (dec.encode(ts=1, etype=dec.EV_VHOST_STATUS, op=5), "op 5"),
 ])
 def test_malformed_records_raise(raw, message):
@@ -117,4 +131,32 @@ def test_struct_layout_matches_bpf_source():
 
 
 def test_register_codes_match_bpf_source():
-    assert _defines("REG_")["REG_STATUS"] == Register.STATUS
+    regs = _defines("REG_")
+    assert regs["REG_STATUS"] == Register.STATUS
+    assert regs["REG_QUEUE_NOTIFY"] == Register.QUEUE_NOTIFY
+    assert regs["REG_ISR"] == Register.ISR
+
+
+def test_space_codes_match_bpf_source():
+    spaces = _defines("SPACE_")
+    assert {spaces["SPACE_MMIO"]: Space.MMIO, spaces["SPACE_PIO"]: Space.PIO,
+            spaces["SPACE_PCICFG"]: Space.PCICFG} == dec.SPACES
+    assert spaces["SPACE_PCICFG"] == dec.SPACE_PCICFG
+    assert spaces["SPACE_NOTIFY"] not in dec.SPACES
+
+
+def test_config_slots_match_bpf_source():
+    from agent.capture import capture
+    slots = {k: v for k, v in _defines("CFG_").items() if k not in ("CFG_N", "CFG_ENTRIES")}
+    for name, idx in slots.items():
+        if name != "CFG_INFLIGHT":      # kernel-owned
+            assert getattr(capture, name) == idx, name
+    assert max(slots.values()) < _defines("CFG_")["CFG_N"]
+
+
+def test_config_space_options_are_validated():
+    from agent.capture import Capture
+    for bad in ({"config_rate": -1}, {"config_burst": 0}, {"config_entries": 0}):
+        with pytest.raises(ValueError, match="config_"):
+            Capture(**bad)
+    Capture(config_rate=0)      # 0: configuration space is not forwarded (counted)
