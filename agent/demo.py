@@ -177,6 +177,16 @@ def _device_status_addr(record: dict) -> Optional[int]:
     return None if off is None else base + off
 
 
+def same_device(label: str, transport: str, dev) -> bool:
+    """Is the agent's device `label` (with its transport label) the lab guest's device `dev`
+    (a lab.harness.DeviceInfo)? A PCI device whose enumeration the agent saw is named by its
+    PCI address (`pci-0000:00:03.0`, the guest reports `00:03.0`); any other by its register
+    block (`mmio-0x…` / `pio-0x…`), matched by status register address."""
+    if label.startswith("pci-"):
+        return dev.bdf is not None and label == f"pci-0000:{dev.bdf}"
+    return _device_status_addr({"device": label, "transport": transport}) == dev.status_addr
+
+
 def _phase(rec: dict, a: str, b: str) -> Optional[float]:
     if rec.get(a) is None or rec.get(b) is None:
         return None
@@ -189,7 +199,7 @@ def match_episodes(vm_name: str, result, records: list[dict]) -> list[Row]:
     mine = [r for r in records if r["vm"] == vm_name]
     rows = []
     for dev in result.devices:
-        recs = sorted((r for r in mine if _device_status_addr(r) == dev.status_addr),
+        recs = sorted((r for r in mine if same_device(r["device"], r["transport"], dev)),
                       key=lambda r: (r["start_ns"], r["outcome"] != "stuck"))
         # a stuck episode is logged twice (stuck, then abandoned/recovered): keep the last word
         final: list[dict] = []

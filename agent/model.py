@@ -143,6 +143,19 @@ class WatchEcam:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchDeviceBars:
+    """Ask capture to forward, with their values, this VM's unwatched 2- and 4-byte MMIO writes
+    in [base, base + size): the span of its virtio functions' memory BARs, where a driver
+    programs the MSI-X table and msix_config right after reading the capability (before a
+    WatchRegister can land). add=False forgets the VM's span."""
+
+    pid: int
+    base: int
+    size: int
+    add: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class WatchInterrupt:
     """Ask capture to forward interrupts of this VMM on this APIC vector / GSI."""
 
@@ -165,6 +178,7 @@ class NeedsResetSuspected:
 
 
 Output = Union[EpisodeEnded, EpisodeStuck, Violation, WatchRegister, WatchInterrupt, WatchEcam,
+               WatchDeviceBars,
                NeedsResetSuspected]
 
 

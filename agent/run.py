@@ -26,7 +26,7 @@ from agent.events import ProcessExit, Register, VmStarted
 from agent.metrics import AgentCollector, EpisodeHistograms, SelfStats
 from agent.model import (
     EpisodeEnded, EpisodeStuck, NeedsResetSuspected, Snapshot, Violation, VmIdentity,
-    WatchEcam, WatchInterrupt, WatchRegister,
+    WatchDeviceBars, WatchEcam, WatchInterrupt, WatchRegister,
 )
 
 log = logging.getLogger("agent.run")
@@ -535,6 +535,8 @@ class Agent:
                         self.pci_typer.submit(out.pid, out.space, out.addr)
                 elif isinstance(out, WatchInterrupt):
                     self.capture.watch_interrupt(out)
+                elif isinstance(out, WatchDeviceBars):
+                    self.capture.watch_device_bars(out)
                 elif isinstance(out, WatchEcam):
                     self.capture.watch_ecam(out)
                 elif isinstance(out, (EpisodeEnded, EpisodeStuck)):

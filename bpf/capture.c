@@ -95,8 +95,13 @@
 #define CFG_CONFIG_RATE 8      // refill of the config bucket (PCI config-space changes), per s per VM
 #define CFG_CONFIG_BURST 9
 #define CFG_ECAM_LO 10         // lowest base and highest end of all VMs' ECAM windows (userspace):
-#define CFG_ECAM_HI 11         // other MMIO accesses skip the per-VM window lookup
-#define CFG_N 12
+#define CFG_ECAM_HI 11         // other MMIO accesses skip the per-VM window lookup (the kernel
+                               // only widens them, on a decoded PCIEXBAR write)
+#define CFG_PCIEXBAR 12        // 1: a config write to 00:00.0 +0x60 (q35 MCH PCIEXBAR) sets the
+                               // VM's ECAM window here, before userspace's WatchEcam arrives
+#define CFG_DEVBAR_LO 13       // span of all VMs' virtio BAR windows (userspace, like the ECAM span)
+#define CFG_DEVBAR_HI 14
+#define CFG_N 15
 
 // token buckets per VM (take_token; `buckets` keyed by VM and kind)
 #define B_DISCOVERY 0   // status-register candidates (CFG_DISCOVERY_*)
@@ -197,6 +202,10 @@ BPF_TABLE("lru_hash", u64, struct inflight, inflight_ioctl, INFLIGHT_ENTRIES);
 // (value, op, size) per (VM, config address)
 BPF_TABLE("lru_hash", u32, u32, cf8_latch, VM_ENTRIES);
 BPF_HASH(ecam, u32, struct ecam_window, VM_ENTRIES);
+// per VM: the span of its virtio functions' memory BARs (userspace, from the device model).
+// An unwatched 2- or 4-byte write there is forwarded with its value: a driver programs its
+// MSI-X table and msix_config right after reading the capability, before a watch can land.
+BPF_HASH(devbar, u32, struct ecam_window, VM_ENTRIES);
 BPF_TABLE("lru_hash", struct reg_key, struct reg_state, cfg_state, CFG_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 BPF_ARRAY(config, u64, CFG_N);
@@ -327,7 +336,8 @@ static __always_inline struct event *access_event(u32 space, u8 op, u64 addr, u3
 // discovery bucket. A new address is only put into the shared `candidates` LRU once it got a
 // token, so that a guest sweeping addresses cannot evict the state of other VMs faster than
 // its bucket allows.
-static __always_inline void handle_candidate(struct reg_key *k, u8 op, u32 size, u64 value)
+static __always_inline void handle_candidate(struct reg_key *k, u8 op, u32 size, u64 value,
+                                             int which)
 {
     struct reg_state *st = candidates.lookup(k);
     if (st && st->valid && st->last == value && st->op == op) {
@@ -335,7 +345,7 @@ static __always_inline void handle_candidate(struct reg_key *k, u8 op, u32 size,
         count(C_REPEAT);
         return;
     }
-    if (!take_token(k->tgid, B_DISCOVERY)) {
+    if (!take_token(k->tgid, which)) {
         count(C_RATE_LIMITED);
         return;
     }
@@ -359,13 +369,51 @@ static __always_inline void handle_candidate(struct reg_key *k, u8 op, u32 size,
     submit(e);
 }
 
+// q35 MCH PCIEXBAR (00:00.0 +0x60, low dword): bit 0 enable, bits 2:1 length (0 = 256 MiB,
+// 1 = 128 MiB, 2 = 64 MiB, 3 reserved: ignored), base in the bits above the length. SeaBIOS
+// uses the window right after writing it, before userspace could install it: set (or delete)
+// the VM's window here, 32-bit base (the high dword at +0x64 is taken as 0), and widen the
+// global span to cover it (never shrink: other VMs' windows may be in it; userspace recomputes
+// the exact span from the map on its next watch_ecam / exit).
+static __always_inline void decode_pciexbar(u32 tgid, u32 value)
+{
+    u32 len = (value >> 1) & 3;
+    if (len == 3)
+        return;
+    if (!(value & 1)) {
+        ecam.delete(&tgid);
+        return;
+    }
+    struct ecam_window win = {};
+    win.size = (256ULL << 20) >> len;
+    win.base = value & ~(u32)(win.size - 1);
+    struct ecam_window *cur = ecam.lookup(&tgid);
+    if (cur && cur->base == win.base && cur->size == win.size)
+        return;
+    if (ecam.update(&tgid, &win) != 0) {
+        count(C_CANDIDATE_MAP_FULL);   // the ecam hash is full
+        return;
+    }
+    int lo_slot = CFG_ECAM_LO, hi_slot = CFG_ECAM_HI;
+    u64 *lo = config.lookup(&lo_slot), *hi = config.lookup(&hi_slot);
+    if (!lo || !hi)
+        return;
+    u64 end = win.base + win.size;
+    if (*hi == 0 || win.base < *lo)
+        *lo = win.base;     // an empty span (hi 0) starts at this window
+    if (end > *hi)
+        *hi = end;
+}
+
 // A PCI configuration-space access (through 0xcf8/0xcfc or an ECAM window): forwarded when
 // (value, op, size) differs from the last one forwarded for that config address of the VM;
 // identical ones are folded into the next event's `repeats`. A change needs a token of the VM's
 // config bucket. Per config address, not per port: two functions with the same ids, read one
-// after the other, are both forwarded.
+// after the other, are both forwarded. A PCIEXBAR write is decoded first (CFG_PCIEXBAR).
 static __always_inline void handle_config(u32 tgid, u8 op, u64 addr, u32 size, u64 value)
 {
+    if (addr == 0x60 && size == 4 && op == OP_WRITE && cfg(CFG_PCIEXBAR))
+        decode_pciexbar(tgid, value);
     struct reg_key k = {};
     k.tgid = tgid;
     k.space = SPACE_PCICFG;
@@ -455,6 +503,16 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
                 return;
             }
         }
+        // a write in the VM's virtio BARs (MSI-X table, common cfg): forwarded with its value,
+        // changes only, within the watched-register bucket
+        if (space == SPACE_MMIO && op == OP_WRITE && (size == 2 || size == 4) &&
+            addr >= cfg(CFG_DEVBAR_LO) && addr < cfg(CFG_DEVBAR_HI)) {
+            struct ecam_window *bars = devbar.lookup(&k.tgid);
+            if (bars && addr - bars->base < bars->size) {
+                handle_candidate(&k, op, size, value, B_WATCHED);
+                return;
+            }
+        }
         // queue kicks: modern virtio-pci notify is a 16-bit write of the queue index (an
         // ioeventfd; kvm_fast_mmio where KVM has that path, else here), virtio-mmio QueueNotify
         // a 32-bit write at +0x50. Other 16-bit writes (queue setup) pass here too: correlation
@@ -468,7 +526,7 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
             count(C_UNWATCHED);
             return;
         }
-        handle_candidate(&k, op, size, value);
+        handle_candidate(&k, op, size, value, B_DISCOVERY);
         return;
     }
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from agent.events import Event, ProcessExit, Register, Space
-from agent.model import WatchEcam, WatchInterrupt, WatchRegister
+from agent.model import WatchDeviceBars, WatchEcam, WatchInterrupt, WatchRegister
 
 from . import decode as dec
 from .hooks import FAMILIES, Family, HookStatus, check, kvm_is_module
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 SOURCE = "capture.c"
 # maps whose fill is reported (name -> grows with guests)
 REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl",
-                 "irq_seen", "apic_pending", "cf8_latch", "ecam", "cfg_state")
+                 "irq_seen", "apic_pending", "cf8_latch", "ecam", "cfg_state", "devbar")
 CFG_DISCOVERY_RATE = 0
 CFG_DISCOVERY_BURST = 1
 CFG_PIO_MIN_PORT = 2
@@ -33,6 +33,9 @@ CFG_CONFIG_RATE = 8
 CFG_CONFIG_BURST = 9
 CFG_ECAM_LO = 10
 CFG_ECAM_HI = 11
+CFG_PCIEXBAR = 12
+CFG_DEVBAR_LO = 13
+CFG_DEVBAR_HI = 14
 # an ECAM window covers at most 256 buses of 32 devices of 8 functions of 4 KiB
 ECAM_MAX_SIZE = 1 << 28
 # activity bucket refill (per second per VM) when activity_rate=0 turned activity discovery off:
@@ -78,7 +81,7 @@ class Capture:
                  raw_tracepoints: Optional[bool] = None, watch_entries: int = 4096,
                  candidate_entries: int = 4096, vm_entries: int = 1024,
                  irq_entries: int = 4096, config_rate: int = 1000, config_burst: int = 4096,
-                 config_entries: int = 16384) -> None:
+                 config_entries: int = 16384, pciexbar_decode: bool = True) -> None:
         names = set(FAMILIES) if hooks is None else set(hooks)
         unknown = names - set(FAMILIES)
         if unknown:
@@ -93,6 +96,9 @@ class Capture:
         if config_rate < 0 or config_burst < 1 or config_entries < 1:
             raise ValueError("config_rate must be >= 0, config_burst and config_entries >= 1")
         self.config_rate = config_rate
+        # the kernel sets a VM's ECAM window itself from a q35 MCH PCIEXBAR write (00:00.0
+        # +0x60), so the firmware's first ECAM accesses are not lost before WatchEcam arrives
+        self.pciexbar_decode = pciexbar_decode
         self.config_burst = config_burst
         self.activity_rate = activity_rate
         self.activity_burst = activity_burst
@@ -248,6 +254,7 @@ class Capture:
             self.activity_interval_ms * 1_000_000)
         cfg[ctypes.c_int(CFG_CONFIG_RATE)] = ctypes.c_uint64(self.config_rate)
         cfg[ctypes.c_int(CFG_CONFIG_BURST)] = ctypes.c_uint64(self.config_burst)
+        cfg[ctypes.c_int(CFG_PCIEXBAR)] = ctypes.c_uint64(1 if self.pciexbar_decode else 0)
 
     # ---- events ----------------------------------------------------------------------
     def _on_event(self, _ctx, data, size) -> None:
@@ -387,13 +394,51 @@ class Capture:
         self._ecam_bounds()
         return True
 
-    def _ecam_bounds(self) -> None:
-        """The kernel looks a VM's window up only for MMIO accesses within all windows' span."""
-        lo = min((b for b, _ in self._ecams.values()), default=0)
-        hi = max((e for _, e in self._ecams.values()), default=0)
+    def watch_device_bars(self, req: WatchDeviceBars) -> bool:
+        """Forward VM req.pid's unwatched 2/4-byte MMIO writes in [base, base + size) with their
+        values (one span per VM; add=False forgets it). False (and counted) if refused."""
+        if self.bpf is None:
+            raise CaptureError("capture is not started")
+        table = self.bpf[b"devbar"]
+        key = ctypes.c_uint32(req.pid)
+        if not req.add:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+        else:
+            if req.pid <= 0 or req.pid >= 1 << 32 or req.size <= 0 or \
+                    not 0 <= req.base < 2**64 - req.size:
+                raise ValueError(f"WatchDeviceBars: bad request {req}")
+            val = table.Leaf()
+            val.base, val.size = req.base, req.size
+            try:
+                table[key] = val
+            except Exception as exc:
+                self._watch_errors += 1
+                log.debug("devbar map update failed: %s", exc)
+                return False
+        spans = [(v.base, v.base + v.size) for v in table.values()]
         cfg = self.bpf[b"config"]
-        cfg[ctypes.c_int(CFG_ECAM_LO)] = ctypes.c_uint64(lo)
-        cfg[ctypes.c_int(CFG_ECAM_HI)] = ctypes.c_uint64(hi)
+        cfg[ctypes.c_int(CFG_DEVBAR_LO)] = ctypes.c_uint64(min((b for b, _ in spans), default=0))
+        cfg[ctypes.c_int(CFG_DEVBAR_HI)] = ctypes.c_uint64(max((e for _, e in spans), default=0))
+        return True
+
+    def _ecam_bounds(self) -> None:
+        """The kernel looks a VM's window up only for MMIO accesses within all windows' span.
+        The span is computed from the ecam map itself: with pciexbar_decode the kernel inserts
+        windows (and widens the span) that userspace has not been told about yet. The kernel
+        inserts before it widens, so re-reading the map after the store catches a window
+        whose widening the store overwrote."""
+        table, cfg = self.bpf[b"ecam"], self.bpf[b"config"]
+        for _ in range(8):
+            wins = [(v.base, v.base + v.size) for v in table.values()]
+            lo = min((b for b, _ in wins), default=0)
+            hi = max((e for _, e in wins), default=0)
+            cfg[ctypes.c_int(CFG_ECAM_LO)] = ctypes.c_uint64(lo)
+            cfg[ctypes.c_int(CFG_ECAM_HI)] = ctypes.c_uint64(hi)
+            if all(lo <= v.base and v.base + v.size <= hi for v in table.values()):
+                return
 
     def watch_interrupt(self, req: WatchInterrupt) -> bool:
         if self.bpf is None:
@@ -436,13 +481,19 @@ class Capture:
                 pass
         # PCI configuration space: the latch, the ECAM window and the folding state (else a
         # new VM that gets the pid would have its first reads folded against the old VM's)
+        had_window = self._ecams.pop(pid, None) is not None
         for name in (b"cf8_latch", b"ecam"):
             try:
                 del self.bpf[name][ctypes.c_uint32(pid)]
+                had_window |= name == b"ecam"   # also one the kernel set from PCIEXBAR
             except KeyError:
                 pass
-        if self._ecams.pop(pid, None) is not None:
+        if had_window:
             self._ecam_bounds()
+        try:
+            del self.bpf[b"devbar"][ctypes.c_uint32(pid)]
+        except KeyError:
+            pass
         cfg = self.bpf[b"cfg_state"]
         for key in [k for k in _map_keys(cfg) if k.tgid == pid]:
             try:

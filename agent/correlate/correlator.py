@@ -17,7 +17,8 @@ from agent.events import (
 )
 from agent.model import (
     DeviceView, EpisodeEnded, EpisodeStuck, Evidence, NeedsResetSuspected, Output, Rule,
-    Snapshot, Transport, Violation, VmIdentity, WatchEcam, WatchInterrupt, WatchRegister,
+    Snapshot, Transport, Violation, VmIdentity, WatchDeviceBars, WatchEcam, WatchInterrupt,
+    WatchRegister,
 )
 from agent.correlate.config import CorrelatorConfig, DeviceHint
 from agent.correlate.device import DeviceState, copy_episode
@@ -78,6 +79,7 @@ class PciVm:
     plans: dict[int, Plan] = field(default_factory=dict)       # bdf -> watched registers
     regs: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # -> (bdf, reg)
     irqs: set = field(default_factory=set)      # ("vector", n) / ("gsi", n) watched
+    bars: Optional[tuple[int, int]] = None      # (base, size) of the WatchDeviceBars span
 
 
 # registers of a modelled function that change its interrupt programming
@@ -240,6 +242,7 @@ class Correlator:
                     out.append(WatchEcam(ev.pid, pv.model.ecam[0], pv.model.ecam[1]))
             if bdf is not None:
                 self._replan(ev.pid, pv, bdf, out)
+                self._watch_bars(ev.pid, pv, out)
             return out
         pv = self._pci.get(ev.pid)
         known = pv.regs.get((ev.space, ev.addr)) if pv is not None else None
@@ -283,6 +286,27 @@ class Correlator:
         else:
             pv.plans.pop(bdf, None)
         self._watch_irqs(pid, pv, out)
+
+    def _watch_bars(self, pid: int, pv: PciVm, out: list[Output]) -> None:
+        """The span of the VM's virtio memory BARs (sized and assigned), for capture to forward
+        the writes a driver makes there before their watches land."""
+        lo = hi = None
+        for v in pv.model.virtio_functions():
+            fn = pv.model.function(v.bdf)
+            for i in range(6):
+                bar = fn.bar(i)
+                if bar is None or bar.io or not bar.size or bar.base + bar.size > 1 << 52:
+                    continue
+                lo = bar.base if lo is None else min(lo, bar.base)
+                hi = bar.base + bar.size if hi is None else max(hi, bar.base + bar.size)
+        span = (lo, hi - lo) if lo is not None else None
+        if span == pv.bars:
+            return
+        if pv.bars is not None:
+            out.append(WatchDeviceBars(pid, pv.bars[0], pv.bars[1], add=False))
+        if span is not None:
+            out.append(WatchDeviceBars(pid, span[0], span[1]))
+        pv.bars = span
 
     def _watch_irqs(self, pid: int, pv: PciVm, out: list[Output]) -> None:
         """Watch exactly the config vectors and INTx lines the modelled devices are programmed
@@ -683,6 +707,10 @@ class Correlator:
 
     def _access(self, vm: VmState, ev: RegisterAccess, out: list[Output]) -> None:
         known = vm.regs.get((ev.space, ev.addr))
+        if known is None and vm.pci_devices and ev.op == Op.WRITE and ev.size == 2 \
+                and ev.space == Space.MMIO and self._kick_device(vm, ev.addr, count=False):
+            self._kick(vm, ev.addr, ev.ts_ns, out)      # a queue past the watched ones
+            return
         if known is None:
             dev = self._discover(vm, ev, out)
             if dev is None:
@@ -887,7 +915,7 @@ class Correlator:
             dev.suspect_kick_ns = None
             self._suspects[id(dev)] = (vm, dev)
 
-    def _kick_device(self, vm: VmState, addr: int) -> Optional[DeviceState]:
+    def _kick_device(self, vm: VmState, addr: int, count: bool = True) -> Optional[DeviceState]:
         if addr in vm.notify:
             return vm.notify[addr]
         found = None
@@ -913,7 +941,8 @@ class Correlator:
                     found = dev
                     break
         if found is None:
-            self._stats["kicks_unattributed"] += 1
+            if count:
+                self._stats["kicks_unattributed"] += 1
             return None     # not cached: the device may be discovered later
         if len(vm.notify) >= MAX_NOTIFY_PER_VM:
             vm.notify.pop(next(iter(vm.notify)))

@@ -46,6 +46,8 @@ VIRTIO_PCI_CAP_COMMON_CFG = 1
 VIRTIO_PCI_CAP_NOTIFY_CFG = 2
 VIRTIO_PCI_CAP_ISR_CFG = 3
 VIRTIO_PCI_CAP_DEVICE_CFG = 4
+# the sizes of the structures (virtio 1.x 4.1.4.3 common cfg, 4.1.4.5 ISR)
+MIN_LENGTH = {VIRTIO_PCI_CAP_COMMON_CFG: 0x38, VIRTIO_PCI_CAP_ISR_CFG: 1}
 # q35 (ICH9 MCH) PCIEXBAR at 00:00.0 +0x60: enable bit 0, length bits 2:1, base bits 35:28
 PCIEXBAR = 0x60
 Q35_HOST_BDF = 0
@@ -240,15 +242,16 @@ class PciFunction:
             ptr = self._get(ptr + 1, 1)
         return out
 
-    def virtio_cap(self, cfg_type: int) -> Optional[tuple[int, int, int, int]]:
-        """(cap offset, bar, offset in bar, length) of the first virtio capability of cfg_type."""
+    def virtio_cap(self, cfg_type: int) -> Optional[tuple[int, int, int, Optional[int]]]:
+        """(cap offset, bar, offset in bar, length or None if the guest did not read it) of the
+        first virtio capability of cfg_type."""
         for ptr, cap_id in self.capabilities():
             if cap_id != CAP_VENDOR or self._get(ptr + 3, 1) != cfg_type:
                 continue
-            bar, off, length = self._get(ptr + 4, 1), self._get(ptr + 8, 4), self._get(ptr + 12, 4)
-            if bar is None or off is None or length is None:
+            bar, off = self._get(ptr + 4, 1), self._get(ptr + 8, 4)
+            if bar is None or off is None:
                 return None
-            return ptr, bar, off, length
+            return ptr, bar, off, self._get(ptr + 12, 4)
         return None
 
     def region(self, cfg_type: int) -> Optional[Region]:
@@ -259,6 +262,11 @@ class PciFunction:
         bar = self.bar(bar_index)
         if bar is None:
             return None
+        if length is None:
+            # a driver need not read the length: the structure's spec size, or (notify) what
+            # the BAR holds past its offset, at most a page
+            length = MIN_LENGTH.get(cfg_type) or (
+                min(bar.size - off, 0x1000) if bar.size and bar.size > off else 4)
         return Region(Space.PIO if bar.io else Space.MMIO, bar.base + off, length)
 
     @property

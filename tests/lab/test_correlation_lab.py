@@ -35,7 +35,7 @@ import time
 import pytest
 
 from agent.correlate import CorrelatorConfig
-from agent.demo import STATUS_OFFSET, AgentProcess, format_table, match_episodes
+from agent.demo import AgentProcess, format_table, match_episodes, same_device
 from agent.model import Rule
 from tests.lab.scrape import samples, value, wait_until
 
@@ -64,37 +64,34 @@ DIFFS: list[tuple[str, float, float, float]] = []
 
 # -- helpers ------------------------------------------------------------------------------------
 
-def status_addr_of(device: str, transport: str) -> int:
-    """The status register address of an agent device id (`mmio-0x...`/`pio-0x...`: the
-    register block's base) and transport label."""
-    return int(device.rsplit("-0x", 1)[1], 16) + STATUS_OFFSET[transport]
-
-
 def vm_records(agent: AgentProcess, name: str) -> list[dict]:
     return [r for r in agent.records() if r["vm"] == name]
 
 
+def guest_device(label: str, transport: str, result):
+    """The guest's device (DeviceInfo) the agent's device label names; fails if none."""
+    found = [d for d in result.devices if same_device(label, transport, d)]
+    assert len(found) == 1, (label, transport, result.devices)
+    return found[0]
+
+
 def records_by_device(records: list[dict], result) -> dict[int, list[dict]]:
-    """The agent's records per guest device index (matched by status register address), in
-    start order. Records of no guest device fail the test."""
-    by_addr = {d.status_addr: d.idx for d in result.devices}
+    """The agent's records per guest device index (matched by PCI address or status register
+    address), in start order. Records of no guest device fail the test."""
     out: dict[int, list[dict]] = {d.idx: [] for d in result.devices}
     for r in sorted(records, key=lambda r: (r["start_ns"], r["outcome"] != "stuck")):
-        addr = status_addr_of(r["device"], r["transport"])
-        assert addr in by_addr, (hex(addr), r, result.devices)
-        out[by_addr[addr]].append(r)
+        out[guest_device(r["device"], r["transport"], result).idx].append(r)
     return out
 
 
 def per_device(agent: AgentProcess, name: str, metric: str, result,
                text: str | None = None) -> dict[int, float]:
     """metric{vm=name} per guest device index."""
-    by_addr = {d.status_addr: d.idx for d in result.devices}
     out = {}
     for labels, v in samples(text or agent, metric, vm=name):
         info = samples(text or agent, "virtio_device_info", vm=name, device=labels["device"])
         (info_labels, _), = info
-        out[by_addr[status_addr_of(labels["device"], info_labels["transport"])]] = v
+        out[guest_device(labels["device"], info_labels["transport"], result).idx] = v
     return out
 
 
@@ -150,8 +147,11 @@ def assert_clean(agent: AgentProcess, name: str, text: str | None = None) -> Non
 def assert_devices_reported(agent: AgentProcess, name: str, result, text: str) -> None:
     """The agent's device series of the VM are the guest's devices, with their transport."""
     info = samples(text or agent, "virtio_device_info", vm=name)
-    agent_addrs = sorted(status_addr_of(lb["device"], lb["transport"]) for lb, _ in info)
-    assert agent_addrs == sorted(d.status_addr for d in result.devices), (info, result.devices)
+    named = sorted(guest_device(lb["device"], lb["transport"], result).idx for lb, _ in info)
+    assert named == sorted(d.idx for d in result.devices), (info, result.devices)
+    for lb, _ in info:
+        if lb["device"].startswith("pci-"):     # its enumeration was seen: its type too
+            assert lb["type"] == "rng", lb
     assert {lb["transport"] for lb, _ in info} == \
         {AGENT_TRANSPORT[d.transport] for d in result.devices}
 
@@ -304,10 +304,19 @@ def test_config_interrupt_opens_every_episode_of_a_device(agent, bpf, kvm, trans
                        delay_ms=5, fault_delay_ms=FAULT_DELAY_MS)
     records = settled_records(agent, name, len(result.episodes))
     print("\n".join(assert_recoveries_measured(name, result, records)))
-    assert [r["evidence"] for r in records] == ["config_interrupt"] * 3, records
+    # An episode starts at the config interrupt only when it came on the device's exact vector
+    # or line as the guest programmed it (docs/correlation.md, "Config interrupts"); when that
+    # programming was not seen in time, or the line is not in any register (virtio-mmio), it
+    # starts at the guest's read and has no notify phase: never a number from another interrupt.
     for r in records:
-        # the interrupt precedes the guest's read by the time the guest took to poll
-        assert 0 < r["guest_saw_ns"] - r["start_ns"] < 5_000_000, r
+        assert r["evidence"] in ("config_interrupt", "status_read"), r
+        if r["evidence"] == "config_interrupt":
+            # the interrupt precedes the guest's read by the time the guest took to poll
+            assert 0 < r["guest_saw_ns"] - r["start_ns"] < 5_000_000, r
+        else:
+            assert r["start_ns"] == r["guest_saw_ns"], r    # no notify phase
+    if transport == "mmio":
+        assert {r["evidence"] for r in records} == {"status_read"}, records
     text = agent.metrics_text()
     assert per_device(agent, name, "virtio_config_interrupts_total", result, text) == {0: 3}
     assert_clean(agent, name, text)
