@@ -257,6 +257,96 @@ def test_q35_seabios_uses_the_ecam_window(cap, tmp_path):
           f"{len(ecam.accesses)} of them through the ECAM window; BARs checked {len(checked)}")
 
 
+def _ecam_span(c) -> tuple[int, int]:
+    from agent.capture.capture import CFG_ECAM_HI, CFG_ECAM_LO
+    cfg = c.bpf[b"config"]
+    return cfg[cfg.Key(CFG_ECAM_LO)].value, cfg[cfg.Key(CFG_ECAM_HI)].value
+
+
+def _ecam_window(c, pid: int):
+    v = c.bpf[b"ecam"].get(c.bpf[b"ecam"].Key(pid))
+    return None if v is None else (v.base, v.size)
+
+
+def test_q35_seabios_pciexbar_decoded_in_the_kernel(cap, tmp_path):
+    """No WatchEcam before the boot: the kernel decodes SeaBIOS's PCIEXBAR write (00:00.0 +0x60
+    through the ports) and installs the VM's window itself, so the BAR sizing through
+    0xb0000000 that follows at once is forwarded from the first access on: the sequence equals
+    that of a capture given the window before the first instruction (pciexbar_decode off), and
+    the BARs rebuilt from it equal QEMU's. Without either, the window's accesses are lost. A
+    later WatchEcam of the same window changes nothing."""
+    from agent.capture import Capture
+
+    with Capture(hooks={"pio", "mmio", "exit"}, pciexbar_decode=False) as ref, \
+            Capture(hooks={"pio", "mmio", "exit"}, pciexbar_decode=False) as blind:
+        assert cap.pciexbar_decode
+        before = cap.counters()
+        proc, qmp, log = _seabios(tmp_path, "q35")
+        pid, events, ref_events, blind_events = proc.pid, [], [], []
+        try:
+            assert ref.watch_ecam(WatchEcam(pid, Q35_ECAM_BASE, Q35_ECAM_SIZE))
+            assert _ecam_window(cap, pid) is None
+            with QmpClient.connect(str(qmp)) as client:
+                client.execute("cont")
+            deadline = time.monotonic() + 20
+            while "All threads complete" not in _read(log) and time.monotonic() < deadline:
+                events += [e for e in cap.poll(50) if e.pid == pid]
+                ref_events += [e for e in ref.poll(0) if e.pid == pid]
+                blind_events += [e for e in blind.poll(0) if e.pid == pid]
+            assert "All threads complete" in _read(log), _read(log)[-2000:]
+            with QmpClient.connect(str(qmp)) as client:
+                pci = pci_map(client)
+            # set by the kernel; the correlator's WatchEcam, arriving later, agrees
+            assert _ecam_window(cap, pid) == (Q35_ECAM_BASE, Q35_ECAM_SIZE)
+            span = _ecam_span(cap)
+            assert span[0] <= Q35_ECAM_BASE and Q35_ECAM_BASE + Q35_ECAM_SIZE <= span[1]
+            assert cap.watch_ecam(WatchEcam(pid, Q35_ECAM_BASE, Q35_ECAM_SIZE))
+            assert _ecam_window(cap, pid) == (Q35_ECAM_BASE, Q35_ECAM_SIZE)
+            assert _ecam_span(cap) == span
+            assert _ecam_window(blind, pid) is None
+        finally:
+            proc.kill()
+            proc.wait()
+        for c, evs in ((cap, events), (ref, ref_events), (blind, blind_events)):
+            _poll_until(c, pid, evs, lambda: _exited(evs, pid), 5)
+        after = cap.counters()
+        cap.poll(0)                 # the exited VM's window is forgotten, the span recomputed
+        assert _ecam_window(cap, pid) is None
+        # (from what is left: the kernel decodes every VM's PCIEXBAR, other q35 VMs on the host)
+        left = [(v.base, v.base + v.size) for v in cap.bpf[b"ecam"].values()]
+        assert _ecam_span(cap) == ((min(b for b, _ in left), max(e for _, e in left))
+                                   if left else (0, 0))
+
+    assert "using q35 mmconfig at 0xb0000000" in _read(log)
+    full, reference, blind_space = (ConfigSpace(events), ConfigSpace(ref_events),
+                                    ConfigSpace(blind_events))
+    seq = [(e.op, e.addr, e.size, e.value, e.repeats) for e in full.accesses]
+    assert seq == [(e.op, e.addr, e.size, e.value, e.repeats) for e in reference.accesses]
+    assert not [e for e in events if isinstance(e, (RegisterAccess, QueueNotify))
+                and getattr(e, "space", Space.MMIO) == Space.MMIO
+                and Q35_ECAM_BASE <= e.addr < Q35_ECAM_BASE + Q35_ECAM_SIZE]
+    assert full.dword(0, 0x60) == Q35_ECAM_BASE | 1
+    checked = _check_against_query_pci(full, pci)
+    virtio = [_bdf(d) for d in pci if d.vendor == VIRTIO_VENDOR]
+    assert len(virtio) == 2 and all((b, i) in checked for b in virtio for i in (0, 4))
+    # BAR sizing of every function with BARs, all of it after the PCIEXBAR write (through
+    # the window: SeaBIOS sizes only once mmconfig is on)
+    first = next(i for i, e in enumerate(full.accesses)
+                 if e.addr == 0x60 and e.op == Op.WRITE and e.size == 4)
+    sized = {e.addr >> 12 for e in full.accesses[first:]
+             if e.op == Op.WRITE and 0x10 <= e.addr & 0xFFF < 0x28 and e.value == 0xFFFFFFFF}
+    assert sized >= {b for b, _ in checked}
+    # without the decode and without a WatchEcam, that programming is not seen
+    assert len(blind_space.accesses) < len(full.accesses) // 2
+    assert not {b for b in virtio if blind_space.bar(b, 4, True, False) is not None}
+    delta = {k: after[k] - before[k] for k in after}
+    assert delta["config_rate_limited"] == 0 and delta["ringbuf_full"] == 0
+    print(f"\nq35 SeaBIOS, PCIEXBAR decoded in the kernel: {len(full.accesses)} config accesses "
+          f"forwarded (as with the window given up front), {len(full.accesses) - first - 1} "
+          f"after the PCIEXBAR write; without either {len(blind_space.accesses)}; "
+          f"BARs checked {len(checked)}")
+
+
 def test_config_changes_beyond_the_bucket_are_counted(bpf):
     """A VM's config bucket bounds what it forwards (here burst 50, 1/s); the rest is counted
     (`config_rate_limited`, also in `rate_limited`)."""
