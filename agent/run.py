@@ -220,7 +220,8 @@ class LoopCounters:
 class Agent:
     """capture -> correlation -> (metrics, episode log, watch maps). Thread-safe snapshot().
 
-    `capture` needs poll(timeout_ms), watch_register(o), watch_interrupt(o), hook_status,
+    `capture` needs poll(timeout_ms), watch_register(o), watch_interrupt(o), watch_ecam(o),
+    watch_device_bars(o), hook_status,
     stats() and close(); `identify(pid)` returns a VmStarted for a VMM pid (or None when the
     process is already gone).
     """

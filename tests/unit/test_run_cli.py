@@ -177,7 +177,7 @@ class ScriptedSource:
         self.watches.append(req)
         return True
 
-    watch_interrupt = watch_register
+    watch_interrupt = watch_ecam = watch_device_bars = watch_register
 
     def stats(self):
         return self._stats
