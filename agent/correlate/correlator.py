@@ -295,10 +295,13 @@ class Correlator:
             fn = pv.model.function(v.bdf)
             for i in range(6):
                 bar = fn.bar(i)
-                if bar is None or bar.io or not bar.size or bar.base + bar.size > 1 << 52:
+                # a BAR whose sizing was not seen (the firmware's, before the agent ran, or
+                # assigned without sizing): its first page, where the structures usually start
+                size = bar.size or 0x1000 if bar is not None else 0
+                if bar is None or bar.io or bar.base + size > 1 << 52:
                     continue
                 lo = bar.base if lo is None else min(lo, bar.base)
-                hi = bar.base + bar.size if hi is None else max(hi, bar.base + bar.size)
+                hi = bar.base + size if hi is None else max(hi, bar.base + size)
         span = (lo, hi - lo) if lo is not None else None
         if span == pv.bars:
             return

@@ -145,6 +145,14 @@ class PciFunction:
                 self.sizing.add(dword)
                 return
             self.sizing.discard(dword)
+            if size == 4 and off == dword:
+                # the low bits of a BAR (I/O or memory, type, prefetchable) are read-only: a
+                # guest writing an address without them does not change them
+                prev = self._get(dword, 4)
+                ref = prev if prev is not None else self.bar_masks.get(dword)
+                if ref is not None:
+                    low = 0x3 if ref & 1 else 0xF
+                    value = (value & ~low) | (ref & low)
             self._put(off, size, value)
             return
         for i in range(size):
