@@ -148,8 +148,9 @@ class PciFunction:
             if size == 4 and off == dword:
                 # the low bits of a BAR (I/O or memory, type, prefetchable) are read-only: a
                 # guest writing an address without them does not change them
-                prev = self._get(dword, 4)
-                ref = prev if prev is not None else self.bar_masks.get(dword)
+                ref = self.bar_masks.get(dword)     # the size mask carries the type bits
+                if ref is None:
+                    ref = self._get(dword, 4)
                 if ref is not None:
                     low = 0x3 if ref & 1 else 0xF
                     value = (value & ~low) | (ref & low)
