@@ -57,7 +57,20 @@ class Verdict:
 
 
 def _device_space_addr(device: str) -> Optional[tuple[str, int]]:
-    """Correlation's device id "mmio-0x<base>" / "pio-0x<base>" -> (space, base)."""
+    """Correlation's device id -> what vmm_probe.virtio_at takes: "pci-0000:bb:dd.f" ->
+    (PCI_FUNCTION, bus << 8 | dev << 3 | fn); "mmio-0x<base>" / "pio-0x<base>" -> (space, base)."""
+    from agent.vmm_probe import PCI_FUNCTION
+
+    if device.startswith("pci-0000:"):
+        try:
+            bus, rest = device[len("pci-0000:"):].split(":")
+            dev, fn = rest.split(".")
+            b, d, f = int(bus, 16), int(dev, 16), int(fn, 16)
+        except ValueError:
+            return None
+        if b > 0xFF or d > 0x1F or f > 7:
+            return None
+        return PCI_FUNCTION, b << 8 | d << 3 | f
     space, _, hexaddr = device.partition("-0x")
     if space not in (Space.MMIO, Space.PIO):
         return None

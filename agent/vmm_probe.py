@@ -326,14 +326,24 @@ def device_at(devices: list[PciDevice], space: str, addr: int) -> Optional[BarHi
     return None
 
 
+PCI_FUNCTION = "pci"    # virtio_at's space for a PCI function, addr = bus << 8 | slot << 3 | fn
+
+
 def virtio_at(listed: Iterable[VirtioDevice], pci: Iterable[PciDevice], space: str,
               addr: int) -> Optional[VirtioDevice]:
-    """The virtio device a guest address (a device's common cfg / I/O base) belongs to.
+    """The virtio device a guest address (a device's common cfg / I/O base) belongs to, or
+    (space PCI_FUNCTION) the virtio device of a PCI function.
 
     PCI: the BAR holding it names the PCI device, whose qdev id names the virtio device
     (anonymous PCI devices: None). An MMIO address in no PCI BAR (virtio-mmio: QMP has no memory
     map) is the VM's only non-PCI virtio device if it has exactly one; with none or several, or
     for an I/O port in no BAR: None. `listed` must be every device x-query-virtio listed."""
+    if space == PCI_FUNCTION:
+        # correlation named the device by its PCI address (it saw the enumeration)
+        fn = next((d for d in pci if (d.bus << 8 | d.slot << 3 | d.function) == addr), None)
+        if fn is None or not fn.qdev_id:
+            return None
+        return next((v for v in listed if v.qdev_id == fn.qdev_id), None)
     hit = device_at(list(pci), space, addr)
     if hit is not None:
         qid = hit.device.qdev_id

@@ -206,6 +206,9 @@ BPF_HASH(ecam, u32, struct ecam_window, VM_ENTRIES);
 // An unwatched 2- or 4-byte write there is forwarded with its value: a driver programs its
 // MSI-X table and msix_config right after reading the capability, before a watch can land.
 BPF_HASH(devbar, u32, struct ecam_window, VM_ENTRIES);
+// (VMM, bus << 8 | dev << 3 | fn) of functions whose vendor id read 0x1af4 (virtio): a memory
+// BAR the guest assigns to one joins the VM's devbar span at once (devbar_from_bar)
+BPF_TABLE("lru_hash", u64, u8, virtio_fns, VM_ENTRIES);
 BPF_TABLE("lru_hash", struct reg_key, struct reg_state, cfg_state, CFG_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 BPF_ARRAY(config, u64, CFG_N);
@@ -410,10 +413,48 @@ static __always_inline void decode_pciexbar(u32 tgid, u32 value)
 // identical ones are folded into the next event's `repeats`. A change needs a token of the VM's
 // config bucket. Per config address, not per port: two functions with the same ids, read one
 // after the other, are both forwarded. A PCIEXBAR write is decoded first (CFG_PCIEXBAR).
+// A driver programs its MSI-X table and common configuration right after it assigned the BAR
+// (the lab guest within 2 ms): too soon for userspace's WatchDeviceBars. So the kernel adds the
+// first page of a virtio function's newly assigned memory BAR to the VM's span itself (widening
+// only); userspace later sets the exact span from its device model.
+static __always_inline void devbar_from_bar(u32 tgid, u64 addr, u64 value)
+{
+    u64 key = (u64)tgid << 32 | ((addr >> 12) & 0xffff);
+    if (!virtio_fns.lookup(&key) || (value & 1) || value == 0xffffffff || !(value & ~0xfULL))
+        return;
+    u64 base = value & ~0xfULL, end = base + 4096;
+    struct ecam_window *cur = devbar.lookup(&tgid);
+    struct ecam_window win = {.base = base, .size = 4096};
+    if (cur) {
+        u64 lo = cur->base < base ? cur->base : base;
+        u64 hi = cur->base + cur->size > end ? cur->base + cur->size : end;
+        win.base = lo;
+        win.size = hi - lo;
+    }
+    if (devbar.update(&tgid, &win) != 0)
+        return;
+    int lo_slot = CFG_DEVBAR_LO, hi_slot = CFG_DEVBAR_HI;
+    u64 *lo = config.lookup(&lo_slot), *hi = config.lookup(&hi_slot);
+    if (!lo || !hi)
+        return;
+    if (*hi == 0 || win.base < *lo)
+        *lo = win.base;
+    if (win.base + win.size > *hi)
+        *hi = win.base + win.size;
+}
+
 static __always_inline void handle_config(u32 tgid, u8 op, u64 addr, u32 size, u64 value)
 {
     if (addr == 0x60 && size == 4 && op == OP_WRITE && cfg(CFG_PCIEXBAR))
         decode_pciexbar(tgid, value);
+    u32 reg_off = addr & 0xfff;
+    if (reg_off == 0 && op == OP_READ && size >= 2 && (value & 0xffff) == 0x1af4) {
+        u64 key = (u64)tgid << 32 | ((addr >> 12) & 0xffff);
+        u8 one = 1;
+        virtio_fns.update(&key, &one);
+    } else if (op == OP_WRITE && size == 4 && reg_off >= 0x10 && reg_off <= 0x24) {
+        devbar_from_bar(tgid, addr, value);
+    }
     struct reg_key k = {};
     k.tgid = tgid;
     k.space = SPACE_PCICFG;

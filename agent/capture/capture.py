@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 SOURCE = "capture.c"
 # maps whose fill is reported (name -> grows with guests)
 REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl",
-                 "irq_seen", "apic_pending", "cf8_latch", "ecam", "cfg_state", "devbar")
+                 "irq_seen", "apic_pending", "cf8_latch", "ecam", "cfg_state", "devbar", "virtio_fns")
 CFG_DISCOVERY_RATE = 0
 CFG_DISCOVERY_BURST = 1
 CFG_PIO_MIN_PORT = 2
@@ -273,7 +273,12 @@ class Capture:
         # watches of VMMs that exited are dropped one poll late, so that a caller can still
         # read their final state (register_state) after seeing the ProcessExit
         for pid in self._exited:
-            self._forget(pid)
+            try:
+                self._forget(pid)
+            except Exception:     # a map that could not be cleaned must not stop the capture
+                self._watch_errors += 1
+                log.exception("forgetting the maps of exited VMM %s failed", pid)
+        self._exited = []
         self._batch = []
         self.bpf.ring_buffer_poll(timeout_ms)
         batch, self._batch = self._batch, []
@@ -494,6 +499,14 @@ class Capture:
             del self.bpf[b"devbar"][ctypes.c_uint32(pid)]
         except KeyError:
             pass
+        fns = self.bpf[b"virtio_fns"]
+        for key in [int(getattr(k, "value", k)) for k in _map_keys(fns)]:
+            if key >> 32 != pid:
+                continue
+            try:
+                del fns[fns.Key(key)]
+            except KeyError:
+                pass
         cfg = self.bpf[b"cfg_state"]
         for key in [k for k in _map_keys(cfg) if k.tgid == pid]:
             try:

@@ -305,10 +305,12 @@ class Correlator:
         span = (lo, hi - lo) if lo is not None else None
         if span == pv.bars:
             return
-        if pv.bars is not None:
-            out.append(WatchDeviceBars(pid, pv.bars[0], pv.bars[1], add=False))
         if span is not None:
+            # replaces the VM's span in one map update: no moment without one while the guest
+            # is busy programming (a remove first would open a gap)
             out.append(WatchDeviceBars(pid, span[0], span[1]))
+        else:
+            out.append(WatchDeviceBars(pid, pv.bars[0], pv.bars[1], add=False))
         pv.bars = span
 
     def _watch_irqs(self, pid: int, pv: PciVm, out: list[Output]) -> None:

@@ -56,8 +56,13 @@ def test_handshake_and_fault_match_the_guest(cap, transport):
             msi = [e for e in run.events if isinstance(e, MsiInjected)]
             assert any(e.vector == vector and e.ts_ns > writes[-1].ts_ns for e in apic)
             assert any(e.data & 0xFF == vector for e in msi)
-            # only the watched vector is forwarded; the rest is counted
-            assert {e.vector for e in apic} == {vector}
+            # the watched vector is forwarded; another (the queue interrupt the guest takes
+            # before the fault) only as the delivery of an MSI activity discovery forwarded
+            # (bpf/capture.c apic_after_discovered_msi: same vector, within 1 ms)
+            for e in apic:
+                if e.vector != vector:
+                    assert any(m.data & 0xFF == e.vector and 0 <= e.ts_ns - m.ts_ns < 1_000_000
+                               for m in msi), (e, msi)
         elif dev.irq_line is not None:
             lines = [e for e in run.events if isinstance(e, IrqLine)]
             assert any(e.gsi == dev.irq_line and e.level == 1 and e.ts_ns > writes[-1].ts_ns

@@ -15,6 +15,7 @@ import pytest
 
 from agent import qmp
 from agent.confirm import (
+    _device_space_addr,
     PciTyper, VmmConfirmer, match, qmp_socket_for, qmp_socket_for_pid, qmp_socket_path,
 )
 from agent.model import NeedsResetSuspected, VmIdentity
@@ -147,6 +148,24 @@ def test_probe_asks_only_about_the_suspected_device(sock_path):
     assert len(result.virtio) == 100 and len(result.devices) == 1
     d = match(result, f"mmio-0x{RNG0_CFG:x}")
     assert d is not None and d.status.needs_reset and d.status.type == "rng"
+    qemu.close()
+
+
+def test_a_device_named_by_its_pci_address_is_probed_and_matched(sock_path):
+    """Correlation names a device whose enumeration it saw by PCI address: the probe asks about
+    that function's virtio device only, and the answer matches it."""
+    qemu = FakeQemu(sock_path, lab_answer(extra_anon=3))
+    listing = probe(sock_path, targets=[("mmio", RNG0_CFG)])
+    [rng0] = [d for d in listing.pci if d.qdev_id == "vrng0"]
+    asked = len(qemu.commands("x-query-virtio-status"))
+    device = f"pci-{rng0.bdf}"
+    result = probe(sock_path, targets=[_device_space_addr(device)])
+    assert len(qemu.commands("x-query-virtio-status")) == asked + 1
+    assert qemu.commands("x-query-virtio-status")[-1]["arguments"]["path"] == \
+        "/machine/peripheral/vrng0/virtio-backend"
+    d = match(result, device)
+    assert d is not None and d.status.type == "rng"
+    assert match(result, "pci-0000:00:1f.7") is None and _device_space_addr("pci-0000:zz") is None
     qemu.close()
 
 
