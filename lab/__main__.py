@@ -1,6 +1,7 @@
 """`python -m lab run ...`: run one lab scenario and print the guest's lines and a summary.
 
     python -m lab run --transport modern --scenario recover --devices 2 --repeat 3
+    python -m lab run --machine q35 --firmware seabios --irqchip split --extra blk --scenario recover
     python -m lab cmd --transport mmio --scenario fault     # print the QEMU command line only
     python -m lab bench --runs 5                              # wall/boot/recovery per transport
 """
@@ -15,8 +16,9 @@ import tempfile
 from pathlib import Path
 
 from lab.harness import (
-    IRQ_MODES, SCENARIOS, TRANSPORTS, BOOT_PROTOCOLS, GuestSpec, LabError, LabVM, ensure_guest,
-    qemu_command,
+    EXTRAS, FIRMWARES, IRQ_MODES, IRQCHIPS, MACHINES, PCI_CFG_MECHANISMS, SCENARIOS, TRANSPORTS,
+    BOOT_PROTOCOLS,
+    GuestSpec, LabError, LabVM, ensure_guest, qemu_command,
 )
 
 
@@ -24,9 +26,12 @@ def _spec(a: argparse.Namespace) -> GuestSpec:
     return GuestSpec(
         transport=a.transport, scenario=a.scenario, devices=a.devices, irq=a.irq, repeat=a.repeat,
         delay_ms=a.delay_ms, hold_ms=a.hold_ms, fault_dev=a.fault_dev, reads=a.reads,
-        writes=a.writes, period_ms=a.period_ms, start_delay_ms=a.start_delay_ms,
-        fault_delay_ms=a.fault_delay_ms,
+        writes=a.writes, period_ms=a.period_ms, kick_ms=a.kick_ms,
+        start_delay_ms=a.start_delay_ms, fault_delay_ms=a.fault_delay_ms,
         detect_ms=a.detect_ms, pit_ms=a.pit_ms, qmp=a.qmp, boot=a.boot,
+        prefault=a.prefault, queue_gap_ms=a.queue_gap_ms, machine=a.machine,
+        firmware=a.firmware, irqchip=a.irqchip, extra=a.extra,
+        extra_transitional=a.extra_transitional, pcicfg=a.pcicfg,
         trace=tuple(a.trace or ()))
 
 
@@ -38,13 +43,16 @@ def _summary(result) -> dict:
             "timed_out": e.timed_out, "status_writes": e.status_values,
             "detect_latency_ns": e.detect_latency_ns, "reaction_ns": e.reaction_ns,
             "reset_latency_ns": e.reset_latency_ns, "reinit_ns": e.reinit_ns,
-            "recovery_ns": e.recovery_ns, "total_ns": e.total_ns})
+            "recovery_ns": e.recovery_ns, "total_ns": e.total_ns,
+            "queue_via": e.queue_via, "queue_vector": e.queue_vector, "queue_isr": e.queue_isr,
+            "queue_to_fault_ns": e.queue_to_fault_ns})
     return {
         "ok": result.ok, "exit_code": result.exit_code, "wall_s": round(result.wall_s, 3),
         "boot": dataclasses.asdict(result.boot) if result.boot else None,
         "devices": [dataclasses.asdict(d) for d in result.devices],
         "episodes": eps, "storms": [dataclasses.asdict(s) for s in result.storms],
         "final_status": result.final_status, "virtio_errors": result.virtio_errors,
+        "pci_cfg": result.pci_cfg, "ecam_base": result.ecam_base,
         "guest_errors": result.guest_errors,
     }
 
@@ -89,12 +97,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reads", type=int, default=100000)
     p.add_argument("--writes", type=int, default=100000)
     p.add_argument("--period-ms", type=int, default=10)
+    p.add_argument("--kick-ms", type=int, default=5, help="linux: kick period")
     p.add_argument("--start-delay-ms", type=int, default=0)
     p.add_argument("--fault-delay-ms", type=int, default=0,
                    help="fault/stuck/recover/fail: wait this long before each fault")
     p.add_argument("--detect-ms", type=int, default=200)
     p.add_argument("--pit-ms", type=int, default=0)
-    p.add_argument("--boot", choices=BOOT_PROTOCOLS, default="pvh")
+    p.add_argument("--boot", choices=BOOT_PROTOCOLS, default=None,
+                   help="default: multiboot under SeaBIOS, else pvh")
+    p.add_argument("--no-prefault", dest="prefault", action="store_false",
+                   help="fault/stuck/recover/fail: no config reads and queue request before "
+                        "each fault")
+    p.add_argument("--queue-gap-ms", type=int, default=2,
+                   help="the pre-fault queue interrupt -> the fault")
+    p.add_argument("--machine", choices=MACHINES, default=None,
+                   help="default: pc (virtio-pci), microvm (mmio)")
+    p.add_argument("--firmware", choices=FIRMWARES, default="qboot")
+    p.add_argument("--irqchip", choices=IRQCHIPS, default=None,
+                   help="-machine kernel-irqchip=; default: the machine's")
+    p.add_argument("--extra", choices=EXTRAS, default="",
+                   help="one more virtio device (net or blk), brought up, never faulted")
+    p.add_argument("--extra-transitional", action="store_true",
+                   help="the extra device is transitional (PCI id 0x1000/0x1001)")
+    p.add_argument("--pcicfg", choices=PCI_CFG_MECHANISMS, default="cf8",
+                   help="the guest's PCI config accesses: 0xCF8/0xCFC ports or q35's ECAM")
     p.add_argument("--qmp", action="store_true")
     p.add_argument("--trace", action="append", help="QEMU -trace pattern (repeatable)")
     p.add_argument("--timeout", type=float, default=60.0)

@@ -1,8 +1,10 @@
 """Run the freestanding lab guest (lab/guest) under QEMU + KVM and parse what it reports.
 
-The guest is a scripted virtio driver: it finds its virtio-rng devices (virtio-pci modern, legacy,
-or virtio-mmio on microvm), brings them to DRIVER_OK, runs a scenario (fault, recover, ...) and
+The guest is a scripted virtio driver: it finds its virtio devices (virtio-rngs, and whatever
+extra_args add; virtio-pci modern, legacy, or virtio-mmio on microvm; on pc or q35, under qboot
+or SeaBIOS), brings them to DRIVER_OK, runs a scenario (fault, recover, ...) on them, and
 prints one `VRA <what> key=value ...` line per fact on COM1, with its own TSC timestamps.
+`GuestSpec.extra` adds a net or blk device it only brings up and never faults.
 This module starts QEMU, waits for it, and turns the serial output and QEMU's messages into
 typed results. It does not depend on `agent`.
 
@@ -38,7 +40,17 @@ SCENARIOS = (
 )
 IRQ_MODES = ("msix", "intx")
 BOOT_PROTOCOLS = ("pvh", "multiboot")
+MACHINES = ("pc", "q35", "microvm")
+FIRMWARES = ("qboot", "seabios")
+IRQCHIPS = ("on", "split")
+EXTRAS = ("", "net", "blk")
+VIRTIO_TYPES = {"net": 1, "blk": 2, "rng": 4}
+PCI_CFG_MECHANISMS = ("cf8", "ecam")
 MAX_DEVICES = 8  # the guest's table size
+EXTRA_IMAGE = "extra-blk.img"     # extra="blk": a raw image in the VM's workdir
+EXTRA_IMAGE_BYTES = 64 * 1024
+# scenarios that do the pre-fault queue I/O (GuestSpec.prefault)
+PREFAULT_SCENARIOS = ("fault", "stuck", "recover", "fail")
 
 # QEMU's -cpu host fails on some nested hosts (MSR 0x10a, IA32_ARCH_CAPABILITIES); invtsc makes
 # QEMU publish KVM's TSC frequency in CPUID 0x40000010, the guest's time base.
@@ -84,7 +96,22 @@ class GuestSpec:
     detect_ms: int = 200             # give up waiting for NEEDS_RESET after this long
     pit_ms: int = 0                  # also measure the TSC against the PIT (cross-check)
     qmp: bool = False                # expose a QMP unix socket (vm.qmp_path)
-    boot: str = "pvh"                # pvh (qboot, microvm firmware) or multiboot
+    boot: str | None = None          # pvh or multiboot; None: multiboot under SeaBIOS, else pvh
+    # Before each fault (fault, stuck, recover, fail), as a running driver: read
+    # config_generation and device config, have the device complete one queue request and take
+    # its interrupt (MSI-X: the queue vector; INTx / mmio: the line, ISR bit 0), then wait
+    # queue_gap_ms and fault. The guest logs it as `VRA queue` (Episode.queue_*).
+    prefault: bool = True
+    queue_gap_ms: int = 2
+    machine: str | None = None       # pc | q35 (PCI transports), microvm (mmio); None: pc / microvm
+    firmware: str = "qboot"          # qboot (-bios qboot.rom) | seabios (QEMU's default BIOS)
+    irqchip: str | None = None       # on | split (-machine kernel-irqchip=); None: machine default
+    # "", "net", "blk": one more device (qdev id extra0), brought up, never faulted; the guest
+    # treats every device of that type so (devices added with extra_args of another type are
+    # the scenario's, as before: faulted with fault_dev=None, no pre-fault queue request)
+    extra: str = ""
+    extra_transitional: bool = False  # the extra device legacy-capable (id 0x1000/0x1001)
+    pcicfg: str = "cf8"              # the guest's config accesses: cf8 (0xCF8/0xCFC) | ecam (q35)
     cpu: str = DEFAULT_CPU
     memory_mb: int = 32
     trace: tuple[str, ...] = ()      # QEMU -trace patterns, logged to the -D file
@@ -100,14 +127,40 @@ class GuestSpec:
             bad(f"scenario {self.scenario!r} not in {SCENARIOS}")
         if self.irq not in IRQ_MODES:
             bad(f"irq {self.irq!r} not in {IRQ_MODES}")
-        if self.boot not in BOOT_PROTOCOLS:
+        if self.boot is not None and self.boot not in BOOT_PROTOCOLS:
             bad(f"boot {self.boot!r} not in {BOOT_PROTOCOLS}")
+        if self.machine is not None and self.machine not in MACHINES:
+            bad(f"machine {self.machine!r} not in {MACHINES}")
+        if (self.effective_machine == "microvm") != (self.transport == "mmio"):
+            bad(f"machine {self.effective_machine!r} does not fit transport {self.transport!r} "
+                "(pc or q35 for virtio-pci, microvm for virtio-mmio)")
+        if self.firmware not in FIRMWARES:
+            bad(f"firmware {self.firmware!r} not in {FIRMWARES}")
+        if self.firmware == "seabios" and self.effective_machine == "microvm":
+            bad("firmware 'seabios' is for pc and q35 (microvm boots its own qboot)")
+        if (self.effective_machine, self.firmware, self.extra) == ("q35", "qboot", "net"):
+            # measured with QEMU 7.2's qboot.rom: with any NIC on q35 (virtio-net, e1000e) it
+            # halts before it loads the guest
+            bad("extra 'net' on q35 needs firmware 'seabios' (qboot halts on q35 with a NIC)")
+        if self.pcicfg not in PCI_CFG_MECHANISMS:
+            bad(f"pcicfg {self.pcicfg!r} not in {PCI_CFG_MECHANISMS}")
+        if self.pcicfg == "ecam" and self.effective_machine != "q35":
+            bad("pcicfg 'ecam' needs machine 'q35' (the MCH's PCIEXBAR)")
+        if self.irqchip is not None and self.irqchip not in IRQCHIPS:
+            bad(f"irqchip {self.irqchip!r} not in {IRQCHIPS}")
+        if self.extra not in EXTRAS:
+            bad(f"extra {self.extra!r} not in {EXTRAS}")
+        if self.extra_transitional and (not self.extra or self.transport == "mmio"):
+            bad("extra_transitional needs extra=net|blk on a PCI transport")
+        if self.devices + bool(self.extra) > MAX_DEVICES:
+            bad(f"devices + extra must be <= {MAX_DEVICES}")
         if not 1 <= self.devices <= MAX_DEVICES:
             bad(f"devices must be 1..{MAX_DEVICES}, got {self.devices}")
         if self.fault_dev is not None and not 0 <= self.fault_dev < self.devices:
             bad(f"fault_dev {self.fault_dev} out of range for {self.devices} device(s)")
         for name in ("repeat", "delay_ms", "hold_ms", "reads", "writes", "period_ms", "kick_ms",
-                     "start_delay_ms", "fault_delay_ms", "detect_ms", "pit_ms", "memory_mb"):
+                     "start_delay_ms", "fault_delay_ms", "detect_ms", "pit_ms", "memory_mb",
+                     "queue_gap_ms"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0 or v >= 2**31:
                 bad(f"{name} must be a non-negative int, got {v!r}")
@@ -123,6 +176,23 @@ class GuestSpec:
         """virtio-mmio has no MSI-X: its interrupt is always a line."""
         return "intx" if self.transport == "mmio" else self.irq
 
+    @property
+    def effective_machine(self) -> str:
+        if self.machine is not None:
+            return self.machine
+        return "microvm" if self.transport == "mmio" else "pc"
+
+    @property
+    def effective_boot(self) -> str:
+        if self.boot is not None:
+            return self.boot
+        return "multiboot" if self.firmware == "seabios" else "pvh"
+
+    @property
+    def does_prefault(self) -> bool:
+        """Whether the guest does the pre-fault queue I/O in this scenario."""
+        return self.prefault and self.scenario in PREFAULT_SCENARIOS
+
     def cmdline(self) -> str:
         parts = {
             "scenario": self.scenario, "transport": self.transport, "irq": self.effective_irq,
@@ -132,7 +202,14 @@ class GuestSpec:
             "kick_ms": self.kick_ms, "start_delay_ms": self.start_delay_ms,
             "fault_delay_ms": self.fault_delay_ms,
             "detect_ms": self.detect_ms, "pit_ms": self.pit_ms,
+            "prefault": int(self.prefault), "queue_gap_ms": self.queue_gap_ms,
         }
+        if self.pcicfg != "cf8":
+            parts["pcicfg"] = self.pcicfg
+        if self.extra:
+            # devices of this virtio type are not the scenario's (others, e.g. from extra_args,
+            # still are: every virtio device the guest finds is, unless told otherwise)
+            parts["extra_type"] = VIRTIO_TYPES[self.extra]
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
 
@@ -143,30 +220,66 @@ def qemu_binary() -> str:
     return path
 
 
-def device_args(spec: GuestSpec) -> list[str]:
+def _pci_flavour(spec: GuestSpec, transitional: bool = False) -> str:
+    if transitional:
+        flavour = ",disable-legacy=off,disable-modern=off"
+    elif spec.transport == "modern":
+        flavour = ",disable-legacy=on,disable-modern=off"
+    else:
+        flavour = ",disable-legacy=off,disable-modern=on"
+    if spec.irq == "intx":
+        flavour += ",vectors=0"  # no MSI-X capability at all
+    return flavour
+
+
+def device_args(spec: GuestSpec, workdir: Path | None = None) -> list[str]:
+    """The virtio-rngs (vrng0...), then the extra device (qdev id `extra0`): after them on the
+    command line, so on the bus too. extra=blk needs `workdir` for its image."""
     args: list[str] = []
     for i in range(spec.devices):
         if spec.transport == "mmio":
             dev = f"virtio-rng-device,id=vrng{i}"
         else:
-            dev = f"virtio-rng-pci,id=vrng{i}"
-            dev += ",disable-legacy=on,disable-modern=off" if spec.transport == "modern" \
-                else ",disable-legacy=off,disable-modern=on"
-            if spec.irq == "intx":
-                dev += ",vectors=0"  # no MSI-X capability at all
+            dev = f"virtio-rng-pci,id=vrng{i}" + _pci_flavour(spec)
+        args += ["-device", dev]
+    if spec.extra:
+        bus = "device" if spec.transport == "mmio" else "pci"
+        if spec.extra == "net":
+            # hubport: a backend without host networking; romfile=: no iPXE option ROM
+            args += ["-netdev", "hubport,id=extranet0,hubid=0"]
+            dev = f"virtio-net-{bus},id=extra0,netdev=extranet0"
+        else:
+            image = (workdir or Path(".")) / EXTRA_IMAGE
+            args += ["-drive", f"file={image},format=raw,if=none,id=extrablk0"]
+            dev = f"virtio-blk-{bus},id=extra0,drive=extrablk0"
+        if bus == "pci":
+            dev += ",romfile=" + _pci_flavour(spec, spec.extra_transitional)
         args += ["-device", dev]
     return args
 
 
+def prepare_workdir(spec: GuestSpec, workdir: Path) -> None:
+    """Files the command line refers to: the extra blk device's raw image."""
+    if spec.extra == "blk":
+        image = workdir / EXTRA_IMAGE
+        if not image.exists() or image.stat().st_size != EXTRA_IMAGE_BYTES:
+            image.write_bytes(bytes(EXTRA_IMAGE_BYTES))
+
+
 def qemu_command(spec: GuestSpec, workdir: Path, kernel: Path | None = None) -> list[str]:
     """The full QEMU command line for `spec`, with all files inside `workdir`."""
-    kernel = kernel or (GUEST_ELF if spec.boot == "pvh" else GUEST_MULTIBOOT_ELF)
+    kernel = kernel or (GUEST_ELF if spec.effective_boot == "pvh" else GUEST_MULTIBOOT_ELF)
     cmd = [qemu_binary(), "-name", f"vra-lab-{spec.transport}-{spec.scenario}",
            "-accel", "kvm", "-cpu", spec.cpu, "-smp", "1", "-m", str(spec.memory_mb)]
-    if spec.transport == "mmio":
+    machine = spec.effective_machine
+    if machine == "microvm":
         cmd += ["-M", "microvm", "-global", "virtio-mmio.force-legacy=false"]
     else:
-        cmd += ["-M", "pc", "-bios", str(QBOOT)]
+        cmd += ["-M", machine]
+        if spec.firmware == "qboot":
+            cmd += ["-bios", str(QBOOT)]
+    if spec.irqchip is not None:
+        cmd += ["-machine", f"kernel-irqchip={spec.irqchip}"]
     cmd += ["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-msg", "timestamp=on",
             "-serial", f"file:{workdir / 'serial.log'}",
@@ -176,7 +289,7 @@ def qemu_command(spec: GuestSpec, workdir: Path, kernel: Path | None = None) -> 
         cmd += ["-trace", pattern]
     if spec.qmp:
         cmd += ["-qmp", f"unix:{workdir / 'qmp.sock'},server=on,wait=off"]
-    cmd += device_args(spec)
+    cmd += device_args(spec, workdir)
     cmd += ["-kernel", str(kernel), "-append", spec.cmdline()]
     cmd += list(spec.extra_args)
     return cmd
@@ -231,6 +344,13 @@ class DeviceInfo:
     msi_data_config: int | None = None   # the APIC vector the config MSI carries
     msi_data_queue: int | None = None
     irq_line: int | None = None
+    devcfg_addr: int | None = None       # device-specific configuration
+    line_vector: int | None = None       # INTx / mmio: the vector of the IOAPIC entry it programmed
+    extra: bool = False                  # not a virtio-rng (GuestSpec.extra): never faulted
+
+    @property
+    def type_name(self) -> str:
+        return {v: k for k, v in VIRTIO_TYPES.items()}.get(self.type, str(self.type))
 
 
 @dataclass(frozen=True)
@@ -261,6 +381,17 @@ class Episode:
     reset_done_issue_ns: int | None = None
     driver_ok_ns: int | None = None        # write with DRIVER_OK
     writes: list[StatusWrite] = field(default_factory=list)
+    # the pre-fault queue request (GuestSpec.prefault): kicked at queue_kick_ns, its interrupt
+    # taken at queue_irq_ns (via "msix": queue_vector is the queue's MSI-X vector; "line": the
+    # INTx / mmio line's IOAPIC vector, queue_isr its ISR with bit 0; "poll": no interrupt
+    # routed, the guest polled the used ring, then read the ISR)
+    queue_kick_ns: int | None = None
+    queue_irq_ns: int | None = None
+    queue_via: str | None = None
+    queue_vector: int | None = None
+    queue_isr: int | None = None
+    queue_used: int | None = None
+    queue_gen: int | None = None           # config_generation read before it
 
     @staticmethod
     def _diff(a: int | None, b: int | None) -> int | None:
@@ -297,6 +428,11 @@ class Episode:
     def total_ns(self) -> int | None:
         """Fault injected -> DRIVER_OK written."""
         return self._diff(self.fault_ns, self.driver_ok_ns)
+
+    @property
+    def queue_to_fault_ns(self) -> int | None:
+        """Queue interrupt taken -> fault injected."""
+        return self._diff(self.queue_irq_ns, self.fault_ns)
 
     @property
     def status_values(self) -> list[int]:
@@ -338,6 +474,9 @@ class LabResult:
     log_dropped: int = 0
     linux_kicks: int | None = None
     done_ns: int | None = None
+    pci_cfg: str = "cf8"             # how the guest reached PCI configuration space
+    ecam_base: int | None = None     # pcicfg=ecam: the window (PCIEXBAR)...
+    ecam_enabled_by: str | None = None   # ... enabled by "firmware" (SeaBIOS, qboot) or "guest"
     workdir: Path | None = None
 
     @property
@@ -398,7 +537,8 @@ def parse_qemu_messages(text: str) -> list[QemuMessage]:
     return out
 
 
-_DEVICE_INT_FIELDS = {f.name for f in fields(DeviceInfo)} - {"transport", "space", "irq", "bdf"}
+_DEVICE_STR_FIELDS = {"transport", "space", "irq", "bdf"}
+_DEVICE_INT_FIELDS = {f.name for f in fields(DeviceInfo)} - _DEVICE_STR_FIELDS - {"extra"}
 
 
 def parse_serial(text: str, result: LabResult) -> None:
@@ -439,8 +579,10 @@ def parse_serial(text: str, result: LabResult) -> None:
                 for k, v in kv.items():
                     if k in _DEVICE_INT_FIELDS:
                         args[k] = _num(v)
-                    elif k in ("transport", "space", "irq", "bdf"):
+                    elif k in _DEVICE_STR_FIELDS:
                         args[k] = v
+                    elif k == "extra":
+                        args[k] = bool(_num(v))
                 result.devices.append(DeviceInfo(**args))
             elif what == "status":
                 w = StatusWrite(dev=int(kv["dev"]), ep=int(kv["ep"]), value=_num(kv["value"]),
@@ -474,6 +616,18 @@ def parse_serial(text: str, result: LabResult) -> None:
                     e.timed_out = True
                 elif kv.get("what") == "reset_done":
                     result.guest_errors.append(f"reset never completed: {line}")
+                elif kv.get("what") == "queue":
+                    result.guest_errors.append(f"no queue interrupt: {line}")
+            elif what == "queue":
+                e = episode(kv)
+                assert e is not None
+                e.queue_kick_ns = ns(int(kv["tsc_kick"]))
+                e.queue_irq_ns = ns(int(kv["tsc"]))
+                e.queue_via = kv["via"]
+                e.queue_vector = _num(kv["vector"])
+                e.queue_isr = _num(kv["isr"]) if "isr" in kv else None
+                e.queue_used = int(kv["used"])
+                e.queue_gen = _num(kv["gen"])
             elif what == "reset_done":
                 e = episode(kv)
                 if e is not None and e.reset_done_ns is None:
@@ -491,6 +645,10 @@ def parse_serial(text: str, result: LabResult) -> None:
                     duration_ns=ns(int(kv["tsc_end"])) - ns(int(kv["tsc_start"]))))
             elif what == "linux":
                 result.linux_kicks = int(kv["kicks"])
+            elif what == "pci":
+                result.pci_cfg = kv["cfg"]
+                result.ecam_base = _num(kv["ecam_base"])
+                result.ecam_enabled_by = kv["enabled_by"]
             elif what == "log_dropped":
                 result.log_dropped += int(kv["n"])
             elif what == "error":
@@ -553,6 +711,7 @@ class LabVM:
             workdir.mkdir(parents=True, exist_ok=True)
             keep = True if keep_workdir is None else keep_workdir
         command = qemu_command(spec, workdir)
+        prepare_workdir(spec, workdir)
         (workdir / "serial.log").write_bytes(b"")  # readable (and empty) before QEMU opens it
         stderr = open(workdir / "stderr.log", "wb")
         try:

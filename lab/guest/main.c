@@ -3,15 +3,23 @@
  * output costs a VM exit per byte); the log is printed between episodes. */
 #include "lib.h"
 #include "virtio.h"
+#include "irq.h"
 
-enum ev_type { EV_STATUS, EV_FAULT, EV_NEEDS_RESET, EV_RESET_DONE, EV_TIMEOUT, EV_ISR, EV_KICK };
+enum ev_type { EV_STATUS, EV_FAULT, EV_NEEDS_RESET, EV_RESET_DONE, EV_TIMEOUT, EV_ISR, EV_KICK,
+	       EV_QUEUE };
+enum { TIMEOUT_NEEDS_RESET, TIMEOUT_RESET_DONE, TIMEOUT_QUEUE };
+
+/* EV_QUEUE flags */
+#define QF_ISR 1	/* `value` is an ISR read */
+#define QF_IRQ 2	/* delivered as an interrupt (else: the guest polled the used ring) */
 
 struct ev {
 	u8 type, dev, value;
 	short ep;
 	u32 count;
 	u64 tsc;
-	u64 issue;	/* reads: TSC just before the access (tsc: just after) */
+	u64 issue;	/* reads: TSC just before the access (tsc: just after); queue: the kick */
+	u8 vec, gen, cfg, flags;	/* queue */
 };
 
 #define LOG_CAP 4096
@@ -33,6 +41,7 @@ static struct ev *log_ev(u8 type, struct vdev *d, short ep, u8 value, u32 count,
 	e->count = count;
 	e->tsc = tsc;
 	e->issue = 0;
+	e->flags = 0;
 	return e;
 }
 
@@ -73,7 +82,9 @@ static void storm_write(struct vdev *d, int kind, u32 v)
 	}
 }
 
-static const char *ev_names[] = { "status", "fault", "needs_reset", "reset_done", "timeout", "isr", "kick" };
+static const char *ev_names[] = { "status", "fault", "needs_reset", "reset_done", "timeout", "isr", "kick",
+				  "queue" };
+static const char *timeout_names[] = { "needs_reset", "reset_done", "queue" };
 
 static void flush_log(void)
 {
@@ -84,10 +95,25 @@ static void flush_log(void)
 		put_kv_dec("dev", e->dev);
 		puts_(" ep=");
 		put_sdec(e->ep);
-		if (e->type == EV_TIMEOUT)
-			put_kv_str("what", e->value ? "reset_done" : "needs_reset");
-		else if (e->type != EV_FAULT && e->type != EV_KICK)
+		if (e->type == EV_TIMEOUT) {
+			put_kv_str("what", timeout_names[e->value]);
+		} else if (e->type == EV_QUEUE) {
+			/* vector: the APIC vector that carried it (0: none, polled) */
+			put_kv_str("via", e->flags & QF_IRQ ? (devs[e->dev].msix ? "msix" : "line")
+							    : "poll");
+			put_kv_hex("vector", e->vec);
+			if (e->flags & QF_ISR)
+				put_kv_hex("isr", e->value);
+			put_kv_dec("used", e->count);
+			put_kv_hex("gen", e->gen);
+			put_kv_hex("cfg", e->cfg);
+			put_kv_dec("tsc_kick", e->issue);
+			put_kv_dec("tsc", e->tsc);
+			line_end();
+			continue;
+		} else if (e->type != EV_FAULT && e->type != EV_KICK) {
 			put_kv_hex("value", e->value);
+		}
 		if (e->type == EV_NEEDS_RESET || e->type == EV_RESET_DONE || e->type == EV_TIMEOUT)
 			put_kv_dec("reads", e->count);
 		put_kv_dec("tsc", e->tsc);
@@ -113,6 +139,11 @@ static void write_status(struct vdev *d, short ep, u8 v)
 
 static u32 detect_ms, reset_ms;
 
+static int selected(int i, int fault_sel)
+{
+	return fault_sel < 0 || fault_sel == i;
+}
+
 /* Polls status until NEEDS_RESET; logs when first seen (tsc of the read that returned it). */
 static int wait_needs_reset(struct vdev *d, short ep)
 {
@@ -127,7 +158,7 @@ static int wait_needs_reset(struct vdev *d, short ep)
 			return 1;
 		}
 		if (t > deadline) {
-			log_ev(EV_TIMEOUT, d, ep, 0, reads, t);
+			log_ev(EV_TIMEOUT, d, ep, TIMEOUT_NEEDS_RESET, reads, t);
 			return 0;
 		}
 	}
@@ -147,7 +178,7 @@ static void reset_dev(struct vdev *d, short ep)
 			return;
 		}
 		if (t > deadline) {
-			log_ev(EV_TIMEOUT, d, ep, 1, reads, t);
+			log_ev(EV_TIMEOUT, d, ep, TIMEOUT_RESET_DONE, reads, t);
 			return;
 		}
 	}
@@ -166,6 +197,84 @@ static void init_dev(struct vdev *d, short ep, int skip_ack)
 	write_status(d, ep, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
 
+/* A device that is not the scenario's: to DRIVER_OK with only VERSION_1 (modern), its MSI-X
+ * vectors programmed, no queue enabled. */
+static void init_extra(struct vdev *d)
+{
+	write_status(d, -1, S_ACK);
+	write_status(d, -1, S_ACK | S_DRIVER);
+	vd_negotiate(d);
+	write_status(d, -1, S_ACK | S_DRIVER | S_FEATURES_OK);
+	vd_program_vectors(d);
+	write_status(d, -1, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+}
+
+#define QUEUE_TIMEOUT_MS 100
+
+/* What a driver does in normal operation, before the fault: reads config_generation and the
+ * device config (generation, field, generation again, as virtio_cread does), then has the device
+ * complete one request on queue 0 and takes its interrupt: MSI-X on the queue's vector, or the
+ * line (INTx / virtio-mmio) whose handler reads ISR bit 0. Interrupts are enabled only while
+ * waiting for it; an interrupt left pending from the previous episode is taken (and EOIed) then
+ * too. A line that is not routed to an IOAPIC entry is polled: used ring, then one ISR read. */
+static void queue_io(struct vdev *d, short ep)
+{
+	u8 gen = vd_generation(d);
+	u8 cfg = vd_config8(d, 0);
+	(void)vd_generation(d);
+	int by_irq = d->msix || d->line_vec;
+	u32 irqs = d->q_irqs;
+	u16 used = vd_used_idx(d);
+	d->isr_acc = 0;
+	u64 tk = rdtsc();
+	vd_queue_request(d);
+	u64 deadline = tk + ms_to_tsc(QUEUE_TIMEOUT_MS), t = 0;
+	if (by_irq)
+		irq_enable();
+	for (;;) {
+		u64 now = rdtsc();
+		if (by_irq ? d->q_irqs != irqs : vd_used_idx(d) != used) {
+			t = by_irq ? d->q_irq_tsc : now;
+			break;
+		}
+		if (now > deadline)
+			break;
+		__asm__ volatile("pause");
+	}
+	irq_disable();
+	if (!t) {
+		log_ev(EV_TIMEOUT, d, ep, TIMEOUT_QUEUE, 0, rdtsc());
+		return;
+	}
+	struct ev *e = log_ev(EV_QUEUE, d, ep, 0, vd_used_idx(d), t);
+	e->issue = tk;
+	e->gen = gen;
+	e->cfg = cfg;
+	e->vec = d->msix ? d->apic_vec_queue : d->line_vec;
+	e->flags = by_irq ? QF_IRQ : 0;
+	if (!d->msix) {
+		e->value = by_irq ? d->isr_acc : vd_isr(d);
+		e->flags |= QF_ISR;
+	}
+}
+
+static u32 prefault, queue_gap_ms;
+
+/* Before each fault (prefault=1): queue_io on every virtio-rng about to fault (the only type
+ * whose requests the guest knows how to make; others, added with extra_args, fault as they
+ * did), then queue_gap_ms, so each rng's last interrupt before its config interrupt is a queue
+ * interrupt. */
+static void before_fault(int fault_sel, short ep)
+{
+	if (!prefault)
+		return;
+	for (int i = 0; i < nscen; i++)
+		if (selected(i, fault_sel) && devs[i].type == 4)
+			queue_io(&devs[i], ep);
+	if (queue_gap_ms)
+		delay_ms(queue_gap_ms);
+}
+
 static void fault_dev(struct vdev *d, short ep)
 {
 	u64 t = rdtsc();
@@ -178,11 +287,6 @@ static void read_isr(struct vdev *d, short ep)
 	u64 t = rdtsc();
 	u8 v = vd_isr(d);
 	log_ev(EV_ISR, d, ep, v, 0, t);
-}
-
-static int selected(int i, int fault_sel)
-{
-	return fault_sel < 0 || fault_sel == i;
 }
 
 static enum transport parse_transport(const char *s)
@@ -235,15 +339,19 @@ void guest_main(u32 magic, u32 info)
 	int fault_sel = streq(fsel, "all") ? -1 : (int)param_u32("fault_dev", 0);
 	detect_ms = param_u32("detect_ms", 200);
 	reset_ms = param_u32("reset_ms", 1000);
+	prefault = param_u32("prefault", 0);
+	queue_gap_ms = param_u32("queue_gap_ms", 2);
 
 	/* Software-enable the local APIC (SVR bit 8, spurious vector 0xff) so KVM accepts the
-	 * MSIs into the IRR (kvm_apic_accept_irq) even though the guest never takes them. */
+	 * MSIs into the IRR (kvm_apic_accept_irq) while IF=0 (the guest takes interrupts only
+	 * while it waits for a queue interrupt). */
 	mw32(0xfee000f0u, mr32(0xfee000f0u) | 0x1ffu);
+	irq_init();
 
-	virtio_discover(t, irq);
-	if (!ndevs)
-		fatal("no_virtio_device");
-	if (fault_sel >= ndevs)
+	virtio_discover(t, irq, streq(param_str("pcicfg", "cf8"), "ecam"), param_u32("extra_type", 0));
+	if (!nscen)
+		fatal("no_virtio_device");	/* no scenario device */
+	if (fault_sel >= nscen)
 		fatal("fault_dev_out_of_range");
 	/* Addresses are known (BARs assigned) before any status access: a host reading the serial
 	 * port live can set its watches during start_delay_ms. */
@@ -265,7 +373,10 @@ void guest_main(u32 magic, u32 info)
 
 	for (int i = 0; i < ndevs; i++) {
 		reset_dev(&devs[i], -1);
-		init_dev(&devs[i], -1, 0);
+		if (devs[i].extra)
+			init_extra(&devs[i]);
+		else
+			init_dev(&devs[i], -1, 0);
 	}
 	flush_log();
 	for (int i = 0; i < ndevs; i++)
@@ -276,10 +387,11 @@ void guest_main(u32 magic, u32 info)
 	} else if (streq(scenario, "fault") || streq(scenario, "stuck")) {
 		if (fault_delay)
 			delay_ms(fault_delay);
-		for (int i = 0; i < ndevs; i++)
+		before_fault(fault_sel, 0);
+		for (int i = 0; i < nscen; i++)
 			if (selected(i, fault_sel))
 				fault_dev(&devs[i], 0);
-		for (int i = 0; i < ndevs; i++)
+		for (int i = 0; i < nscen; i++)
 			if (selected(i, fault_sel) && wait_needs_reset(&devs[i], 0) && irq == IRQ_INTX)
 				read_isr(&devs[i], 0);
 		flush_log();
@@ -291,10 +403,11 @@ void guest_main(u32 magic, u32 info)
 			/* a running guest: time between bring-up (or recovery) and the next fault */
 			if (fault_delay)
 				delay_ms(fault_delay);
-			for (int i = 0; i < ndevs; i++)
+			before_fault(fault_sel, (short)ep);
+			for (int i = 0; i < nscen; i++)
 				if (selected(i, fault_sel))
 					fault_dev(&devs[i], (short)ep);
-			for (int i = 0; i < ndevs; i++) {
+			for (int i = 0; i < nscen; i++) {
 				struct vdev *d = &devs[i];
 				if (!selected(i, fault_sel))
 					continue;
@@ -313,7 +426,7 @@ void guest_main(u32 magic, u32 info)
 	} else if (streq(scenario, "failreinit")) {
 		if (delay)
 			delay_ms(delay);
-		for (int i = 0; i < ndevs; i++) {
+		for (int i = 0; i < nscen; i++) {
 			struct vdev *d = &devs[i];
 			if (!selected(i, fault_sel))
 				continue;
@@ -326,7 +439,7 @@ void guest_main(u32 magic, u32 info)
 	} else if (streq(scenario, "bitclear")) {
 		if (delay)
 			delay_ms(delay);
-		for (int i = 0; i < ndevs; i++)
+		for (int i = 0; i < nscen; i++)
 			if (selected(i, fault_sel))
 				write_status(&devs[i], 0, S_ACK | S_DRIVER | S_FEATURES_OK);
 		flush_log();
@@ -346,7 +459,7 @@ void guest_main(u32 magic, u32 info)
 		if (!nvals)
 			nvals = 1;
 		u32 final = param_u32("storm_final", 0);	/* != 0: one more write of it */
-		for (int i = 0; i < ndevs; i++) {
+		for (int i = 0; i < nscen; i++) {
 			struct vdev *d = &devs[i];
 			if (!selected(i, fault_sel))
 				continue;
@@ -384,18 +497,25 @@ void guest_main(u32 magic, u32 info)
 		}
 	} else if (streq(scenario, "linux")) {
 		/* What a Linux guest does: ignores the config interrupt's NEEDS_RESET, re-reads the
-		 * generation and device config, keeps kicking; never reads status, never resets. */
+		 * generation and device config, keeps kicking; never reads status, never resets. On a
+		 * line (INTx, virtio-mmio) its interrupt handler reads the ISR / InterruptStatus (and
+		 * acknowledges it on virtio-mmio) first, as vp_interrupt / vm_interrupt do: polled here
+		 * before each round, which clears it the same way. */
 		u32 kick_ms = param_u32("kick_ms", 5);
+		if (fault_delay)
+			delay_ms(fault_delay);	/* a running guest: the fault comes later than init */
 		u64 end = rdtsc() + ms_to_tsc(hold ? hold : 100);
-		for (int i = 0; i < ndevs; i++)
+		for (int i = 0; i < nscen; i++)
 			if (selected(i, fault_sel))
 				fault_dev(&devs[i], 0);
 		u32 kicks = 0;
 		while (rdtsc() < end) {
 			delay_ms(kick_ms);
-			for (int i = 0; i < ndevs; i++) {
+			for (int i = 0; i < nscen; i++) {
 				if (!selected(i, fault_sel))
 					continue;
+				if (!devs[i].msix)
+					(void)vd_isr(&devs[i]);
 				(void)vd_generation(&devs[i]);
 				(void)vd_config8(&devs[i], 0);
 				vd_kick(&devs[i]);
@@ -412,10 +532,10 @@ void guest_main(u32 magic, u32 info)
 		 * 3, 11, 15 without waiting for the reset to read back 0. */
 		u32 period = param_u32("period_ms", 10);
 		for (u32 ep = 0; ep < repeat; ep++) {
-			for (int i = 0; i < ndevs; i++)
+			for (int i = 0; i < nscen; i++)
 				if (selected(i, fault_sel))
 					fault_dev(&devs[i], (short)ep);
-			for (int i = 0; i < ndevs; i++) {
+			for (int i = 0; i < nscen; i++) {
 				struct vdev *d = &devs[i];
 				if (!selected(i, fault_sel))
 					continue;

@@ -1,8 +1,10 @@
 #include "virtio.h"
 #include "pci.h"
+#include "irq.h"
 
 struct vdev devs[MAX_DEVS];
-int ndevs;
+int ndevs, nscen;
+static u32 extra_type;	/* virtio type of the devices that are not the scenario's (0: none) */
 
 static u8 rings[MAX_DEVS][8192] __attribute__((aligned(4096)));
 
@@ -86,6 +88,28 @@ static void setup_msix(struct vdev *d, u64 bars[6])
 	d->msix = 1;
 }
 
+/* INTx: the line's IOAPIC entry, edge-triggered (every rising edge is one interrupt: the guest
+ * lowers the line by reading the ISR). Devices sharing a line share its vector. */
+static void route_intx(struct vdev *d)
+{
+	if (d->irq_line == 0xff || d->irq_line >= ioapic_pins(IOAPIC1))
+		return;
+	for (int i = 0; i < ndevs; i++)
+		if (devs[i].line_vec && devs[i].irq_line == d->irq_line) {
+			d->line_vec = devs[i].line_vec;
+			return;
+		}
+	d->line_vec = (u8)(0x40 + 2 * d->idx);
+	ioapic_route(IOAPIC1, d->irq_line, d->line_vec);
+}
+
+/* virtio device type of a virtio PCI function: modern ids are 0x1040 + type; transitional
+ * (0x1000-0x103f) ones carry it in the subsystem id */
+static u32 pci_virtio_type(u32 bdf, u16 id)
+{
+	return id >= 0x1040 ? id - 0x1040u : pci_read16(bdf, 0x2e);
+}
+
 static void add_pci(u32 bdf, u16 id, enum transport t, enum irq_mode irq)
 {
 	if (ndevs >= MAX_DEVS)
@@ -97,7 +121,8 @@ static void add_pci(u32 bdf, u16 id, enum transport t, enum irq_mode irq)
 	d->irq = irq;
 	d->bdf = bdf;
 	d->pci_devid = id;
-	d->type = id >= 0x1040 ? id - 0x1040u : pci_read16(bdf, 0x2e);	/* transitional: subsystem id */
+	d->type = pci_virtio_type(bdf, id);
+	d->extra = extra_type && d->type == extra_type;
 	d->ring = rings[ndevs];
 	d->msix_config_vec = d->msix_queue_vec = 0xffff;
 	u64 bars[6];
@@ -135,6 +160,8 @@ static void add_pci(u32 bdf, u16 id, enum transport t, enum irq_mode irq)
 	}
 	if (irq == IRQ_MSIX)
 		setup_msix(d, bars);
+	else
+		route_intx(d);
 	ndevs++;
 }
 
@@ -142,23 +169,10 @@ static void add_pci(u32 bdf, u16 id, enum transport t, enum irq_mode irq)
  * secondary at 0xfec10000 serving GSI 24-47, one pin per virtio-mmio slot; else slots use
  * GSI 16+. microvm runs a split irqchip: QEMU's IOAPIC raises the pin as kvm_set_irq(pin) on
  * KVM's routing table, whose entry for that number it points at the redirection entry's MSI. */
-#define IOAPIC1 0xfec00000u
-#define IOAPIC2 0xfec10000u
-
-static u32 ioapic_read(u32 base, u32 reg)
-{
-	mw32(base, reg);
-	return mr32(base + 0x10);
-}
-
-static void ioapic_write(u32 base, u32 reg, u32 v)
-{
-	mw32(base, reg);
-	mw32(base + 0x10, v);
-}
 
 /* Edge-triggered, fixed, physical destination APIC 0, unmasked: every rising edge of the
- * device's line becomes one interrupt message with this vector (the guest never EOIs). */
+ * device's line becomes one interrupt message with this vector (no remote IRR: the guest takes
+ * and EOIs interrupts only while it waits for a queue interrupt, irq.c). */
 static void route_mmio_irq(struct vdev *d, u32 slot)
 {
 	u32 base, pin;
@@ -176,16 +190,19 @@ static void route_mmio_irq(struct vdev *d, u32 slot)
 		d->irq_line = (u8)pin;
 	}
 	d->apic_vec_config = (u8)(0x40 + 2 * d->idx);
-	ioapic_write(base, 0x11 + 2 * pin, 0);
-	ioapic_write(base, 0x10 + 2 * pin, d->apic_vec_config);
+	ioapic_route(base, pin, d->apic_vec_config);
+	d->line_vec = d->apic_vec_config;
 	d->ioapic_routed = 1;
 }
 
-static void discover_mmio(void)
+/* scen: 1 = only the scenario's devices, 0 = only the extra ones */
+static void discover_mmio(int scen)
 {
 	for (int i = 0; i < MMIO_SLOTS; i++) {
 		u32 base = MMIO_WINDOW + (u32)i * MMIO_SLOT;
 		if (mr32(base + M_MAGIC) != 0x74726976u || mr32(base + M_DEVID) == 0)
+			continue;
+		if ((!extra_type || mr32(base + M_DEVID) != extra_type) != scen)
 			continue;
 		if (ndevs >= MAX_DEVS)
 			fatal("too_many_devices");
@@ -197,6 +214,7 @@ static void discover_mmio(void)
 		d->mmio = base;
 		d->mmio_version = mr32(base + M_VERSION);
 		d->type = mr32(base + M_DEVID);
+		d->extra = !scen;
 		d->ring = rings[ndevs];
 		d->msix_config_vec = d->msix_queue_vec = 0xffff;
 		if (d->mmio_version != 2)
@@ -207,23 +225,46 @@ static void discover_mmio(void)
 	}
 }
 
-void virtio_discover(enum transport t, enum irq_mode irq)
+/* The scenario's devices first (in bus / window order), then the extra ones (of type
+ * extra_type). */
+void virtio_discover(enum transport t, enum irq_mode irq, int ecam, u32 extra)
 {
-	ndevs = 0;
-	if (t == T_MMIO) {
-		discover_mmio();
-		return;
+	ndevs = nscen = 0;
+	extra_type = extra;
+	if (t != T_MMIO && ecam) {
+		u32 base = 0;
+		int by_guest = 0;
+		if (!pci_use_ecam(&base, &by_guest))
+			fatal("no_ecam_window");
+		puts_("VRA pci");
+		put_kv_str("cfg", "ecam");
+		put_kv_hex("ecam_base", base);
+		put_kv_str("enabled_by", by_guest ? "guest" : "firmware");
+		line_end();
 	}
-	pci_route_intx();
-	for (u32 dev = 0; dev < 32; dev++) {
-		u32 bdf = PCI_BDF(0, dev, 0);
-		u32 id = pci_read32(bdf, 0);
-		if ((id & 0xffff) != 0x1af4)
-			continue;
-		u16 did = (u16)(id >> 16);
-		if (did < 0x1000 || did > 0x107f)
-			continue;
-		add_pci(bdf, did, t, irq);
+	/* without extra devices, one scan (the configuration accesses are as they always were) */
+	for (int scen = 1; scen >= (extra_type ? 0 : 1); scen--) {
+		if (t == T_MMIO) {
+			discover_mmio(scen);
+		} else {
+			if (scen)
+				pci_route_intx();
+			for (u32 dev = 0; dev < 32; dev++) {
+				u32 bdf = PCI_BDF(0, dev, 0);
+				u32 id = pci_read32(bdf, 0);
+				if ((id & 0xffff) != 0x1af4)
+					continue;
+				u16 did = (u16)(id >> 16);
+				if (did < 0x1000 || did > 0x107f)
+					continue;
+				u32 type = pci_virtio_type(bdf, did);
+				if ((!extra_type || type != extra_type) != scen)
+					continue;
+				add_pci(bdf, did, t, irq);
+			}
+		}
+		if (scen)
+			nscen = ndevs;
 	}
 }
 
@@ -351,6 +392,15 @@ u32 vd_status_addr(struct vdev *d)
 
 const char *vd_space(struct vdev *d) { return d->t == T_LEGACY ? "pio" : "mmio"; }
 
+u32 vd_devcfg_addr(struct vdev *d)
+{
+	switch (d->t) {
+	case T_MODERN: return d->devcfg;
+	case T_LEGACY: return d->io + (d->msix ? 24u : 20u);
+	default: return d->mmio + M_CONFIG;
+	}
+}
+
 void vd_negotiate(struct vdev *d)
 {
 	switch (d->t) {
@@ -476,6 +526,69 @@ void vd_kick(struct vdev *d)
 	}
 }
 
+void vd_program_vectors(struct vdev *d)
+{
+	if (!d->msix)
+		return;
+	switch (d->t) {
+	case T_MODERN: {
+		u32 c = d->common;
+		mw16(c + C_MSIX, 0);
+		d->msix_config_vec = mr16(c + C_MSIX);
+		u16 nq = mr16(c + C_NUMQ);
+		for (u16 q = 0; q < nq && q < 64; q++) {
+			mw16(c + C_QSEL, q);
+			mw16(c + C_QMSIX, 1);
+			if (!q)
+				d->msix_queue_vec = mr16(c + C_QMSIX);
+		}
+		break;
+	}
+	case T_LEGACY: {
+		u16 io = d->io;
+		outw((u16)(io + L_MSIX_CONFIG), 0);
+		d->msix_config_vec = inw((u16)(io + L_MSIX_CONFIG));
+		for (u16 q = 0; q < 64; q++) {
+			outw((u16)(io + L_QSEL), q);
+			if (!inw((u16)(io + L_QNUM)))
+				break;
+			outw((u16)(io + L_MSIX_QUEUE), 1);
+			if (!q)
+				d->msix_queue_vec = inw((u16)(io + L_MSIX_QUEUE));
+		}
+		break;
+	}
+	default:
+		break;
+	}
+}
+
+static u8 qbufs[MAX_DEVS][16] __attribute__((aligned(16)));
+
+/* Descriptor (avail_idx % qsize): 16 device-writable bytes; avail ring entry, index, kick. */
+void vd_queue_request(struct vdev *d)
+{
+	u16 n = d->qsize;
+	u16 slot = (u16)(d->avail_idx % n);
+	volatile u32 *desc = (volatile u32 *)(d->ring + 16u * slot);
+	volatile u16 *avail = (volatile u16 *)(d->ring + 16u * n);
+	desc[0] = (u32)qbufs[d->idx];
+	desc[1] = 0;
+	desc[2] = sizeof(qbufs[0]);
+	desc[3] = 2;			/* flags VRING_DESC_F_WRITE, next 0 */
+	avail[2 + slot] = slot;
+	barrier();
+	d->avail_idx++;
+	avail[1] = d->avail_idx;
+	barrier();
+	vd_kick(d);
+}
+
+u16 vd_used_idx(struct vdev *d)
+{
+	return *(volatile u16 *)(d->ring + 4096 + 2);
+}
+
 void vd_inject_fault(struct vdev *d)
 {
 	volatile u16 *avail_idx = (volatile u16 *)(d->ring + 16u * d->qsize + 2);
@@ -530,6 +643,8 @@ void virtio_print_dev(struct vdev *d)
 		put_kv_hex("notify_addr", d->mmio + M_NOTIFY);
 		break;
 	}
+	if (vd_devcfg_addr(d))
+		put_kv_hex("devcfg_addr", vd_devcfg_addr(d));
 	put_kv_str("irq", d->msix ? "msix" : "intx");
 	if (d->msix) {
 		put_kv_dec("msix_config", d->msix_config_vec);
@@ -544,6 +659,10 @@ void virtio_print_dev(struct vdev *d)
 	}
 	if (!d->msix && d->irq_line != 0xff)
 		put_kv_dec("irq_line", d->irq_line);
+	if (!d->msix && d->line_vec)
+		put_kv_hex("line_vector", d->line_vec);
+	if (d->extra)
+		put_kv_dec("extra", 1);
 	put_kv_dec("qsize", d->qsize);
 	put_kv_hex("features", d->features);
 	line_end();

@@ -31,6 +31,11 @@ struct vdev {
 	u8 apic_vec_config, apic_vec_queue;	/* MSI data we programmed */
 	u8 irq_line;		/* INTx / mmio line: the GSI; 0xff if unknown */
 	int ioapic_routed;	/* mmio: IOAPIC entry programmed with apic_vec_config */
+	u8 line_vec;		/* INTx / mmio: the vector of its IOAPIC entry; 0 = not routed */
+	int extra;		/* not the scenario's (extra_type): to DRIVER_OK, never faulted */
+	volatile u32 q_irqs;	/* queue interrupts taken (irq.c) */
+	volatile u64 q_irq_tsc;	/* ... the TSC at the last one */
+	volatile u8 isr_acc;	/* ISR bits the line handler read */
 	u16 qsize;
 	u16 avail_idx;
 	u8 *ring;
@@ -38,10 +43,13 @@ struct vdev {
 };
 
 extern struct vdev devs[MAX_DEVS];
-extern int ndevs;
+extern int ndevs;	/* every virtio device found */
+extern int nscen;	/* devs[0..nscen) are the scenario's devices, the extra ones follow */
 
-/* Finds virtio devices of the requested transport (PCI or the microvm mmio window). */
-void virtio_discover(enum transport t, enum irq_mode irq);
+/* Finds virtio devices of the requested transport (PCI or the microvm mmio window); ecam: PCI
+ * configuration accesses through q35's ECAM window instead of 0xCF8/0xCFC; devices of virtio
+ * type `extra` (0: none) are not the scenario's (GuestSpec.extra). */
+void virtio_discover(enum transport t, enum irq_mode irq, int ecam, u32 extra);
 void virtio_print_dev(struct vdev *d);
 
 u8 vd_status(struct vdev *d);
@@ -55,12 +63,19 @@ u8 vd_isr(struct vdev *d);	/* reads (and acks) the interrupt status */
 void vd_negotiate(struct vdev *d);
 void vd_setup_queue(struct vdev *d);
 void vd_kick(struct vdev *d);
+/* A device that is not the scenario's (extra=net|blk): after FEATURES_OK, points msix_config and
+ * every queue's vector at MSI-X entries 0 and 1 (queues stay disabled). */
+void vd_program_vectors(struct vdev *d);
+/* Makes one buffer (16 bytes, device-writable) available on queue 0 and kicks. */
+void vd_queue_request(struct vdev *d);
+u16 vd_used_idx(struct vdev *d);
 /* Makes the avail index jump past the queue size and kicks: QEMU's virtqueue_num_heads() calls
  * virtio_error("Guest moved used index ..."). */
 void vd_inject_fault(struct vdev *d);
 
 /* where the status register is, for the report */
 u32 vd_status_addr(struct vdev *d);
+u32 vd_devcfg_addr(struct vdev *d);	/* device-specific configuration (0: none) */
 const char *vd_space(struct vdev *d);
 
 #endif
