@@ -294,6 +294,7 @@ class TypeHint:
     space: str
     addr: int
     type: str
+    bdf: str = ""           # the PCI function (query-pci), "0000:bb:dd.f"
 
 
 def qmp_socket_for_pid(pid: int, proc_root: str = "/proc") -> Optional[str]:
@@ -340,7 +341,8 @@ class PciTyper:
                 # the VM's last map already knows this BAR: no new query
                 hit = device_at(known, space, addr)
                 if hit is not None and hit.device.virtio_id is not None:
-                    self._results.append(TypeHint(pid, space, addr, hit.device.virtio_type))
+                    self._results.append(TypeHint(pid, space, addr, hit.device.virtio_type,
+                                              hit.device.bdf))
                     return
             regs = self._pending.get(pid)
             if regs is None:
@@ -365,7 +367,8 @@ class PciTyper:
                 for space, addr in list(regs):
                     hit = device_at(known, space, addr)
                     if hit is not None and hit.device.virtio_id is not None:
-                        self._results.append(TypeHint(pid, space, addr, hit.device.virtio_type))
+                        self._results.append(TypeHint(pid, space, addr, hit.device.virtio_type,
+                                              hit.device.bdf))
                         regs.discard((space, addr))
                 if not regs:
                     del self._pending[pid]
@@ -431,7 +434,8 @@ class PciTyper:
                 for space, addr in regs:
                     hit = device_at(devices, space, addr)
                     if hit is not None and hit.device.virtio_id is not None:
-                        hints.append(TypeHint(pid, space, addr, hit.device.virtio_type))
+                        hints.append(TypeHint(pid, space, addr, hit.device.virtio_type,
+                                              hit.device.bdf))
             except Exception:
                 log.exception("PCI typing of pid %s failed", pid)
             finally:

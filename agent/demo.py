@@ -217,7 +217,7 @@ def match_episodes(vm_name: str, result, records: list[dict]) -> list[Row]:
                 agent_s=_phase(rec, "guest_saw_ns", "driver_ok_ns") if rec else None,
                 guest_s=guest_s,
                 agent_total_s=rec["recovery_seconds"] if rec else None,
-                agent_notify_s=_phase(rec, "start_ns", "guest_saw_ns") if rec else None,
+                agent_notify_s=rec.get("notify_seconds") if rec else None,
                 agent_react_s=_phase(rec, "guest_saw_ns", "reset_written_ns") if rec else None,
                 agent_reset_s=_phase(rec, "reset_written_ns", "reset_done_ns") if rec else None,
                 agent_reinit_s=_phase(rec, "reset_done_ns", "driver_ok_ns") if rec else None,

@@ -23,6 +23,7 @@ def episode_record(episode: Episode, outcome: str) -> dict[str, Any]:
         "reset_done_ns": episode.reset_done_ns,
         "driver_ok_ns": episode.driver_ok_ns,
         "recovery_seconds": episode.recovery_seconds,
+        "notify_seconds": episode.phase_seconds().get("notify"),
         "evidence": episode.evidence,
         "resumed": episode.resumed,
     }

@@ -515,7 +515,7 @@ class Agent:
     def _pci_types(self) -> None:
         for h in self.pci_typer.poll():
             try:
-                self.correlator.annotate_device(h.pid, h.space, h.addr, h.type)
+                self.correlator.annotate_device(h.pid, h.space, h.addr, h.type, h.bdf)
             except Exception:
                 self.counters.correlation_errors += 1
                 log.exception("applying the PCI type of %s failed", h)

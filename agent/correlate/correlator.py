@@ -146,14 +146,20 @@ class Correlator:
         """Process every buffered event now (end of a recording)."""
         return self._drain(None)
 
-    def annotate_device(self, pid: int, space: str, addr: int, type: str) -> bool:
-        """Set the type of the device one of whose registers is (space, addr) in VM `pid`,
-        e.g. from QEMU's query-pci (agent.vmm_probe.device_at). False if no such device."""
+    def annotate_device(self, pid: int, space: str, addr: int, type: str, bdf: str = "") -> bool:
+        """Set the type (and, given its PCI address "0000:bb:dd.f", the name) of the device one
+        of whose registers is (space, addr) in VM `pid`, e.g. from QEMU's query-pci
+        (agent.vmm_probe.device_at): a device found from its traffic, whose enumeration the
+        agent did not see. False if no such device."""
         vm = self._vms.get(pid)
         known = vm.regs.get((space, addr)) if vm is not None else None
         if known is None:
             return False
-        known[0].type = type
+        dev = known[0]
+        dev.type = type
+        name = f"pci-{bdf}"
+        if bdf and dev.pci_bdf is None and dev.id != name and name not in vm.devices:
+            self._rename_device(vm, dev, name)
         self.changes += 1
         return True
 

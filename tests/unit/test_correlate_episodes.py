@@ -460,6 +460,19 @@ def test_annotate_device_sets_the_type_for_later_episodes():
     assert ep.type == "net" and c.snapshot(s.t).devices[0].type == "net"
 
 
+def test_annotate_device_with_the_pci_address_names_a_device_found_from_traffic():
+    """An agent started after the guest booted (no enumeration seen) asks QEMU's query-pci
+    (run --vmm-pci-types on): the device takes its PCI name and type, and keeps its state."""
+    s = Script()
+    dev = s.vm(3, "x").device(Transport.PCI_MODERN, 0xFEBF1000)
+    dev.init()
+    c, _ = run(s.events)
+    assert c.annotate_device(3, E.Space.MMIO, 0xFEBF1014, "blk", "0000:00:05.0")
+    [view] = c.snapshot(s.t).devices
+    assert (view.device, view.type, view.resets_total) == ("pci-0000:00:05.0", "blk", 1)
+    assert c.stats()["devices_renamed"] == 1
+
+
 def test_a_status_like_byte_off_the_common_cfg_position_is_not_picked_up():
     s = Script()
     dev = s.vm(3).device(Transport.PCI_MODERN, 0xFEBF3000)

@@ -33,6 +33,16 @@ def test_recovered_line_has_exactly_the_documented_fields():
     assert rec["start_ns"] == 10 * S and rec["driver_ok_ns"] == 10 * S + 3_500_000
     assert rec["recovery_seconds"] == ep.recovery_seconds
     assert rec["evidence"] == "config_interrupt"
+    assert rec["notify_seconds"] == (ep.guest_saw_ns - ep.start_ns) / 1e9
+
+
+def test_an_episode_started_at_the_status_read_has_a_null_notify_phase():
+    buf = io.StringIO()
+    ep = recovered(start=10 * S, ok=0.0035)
+    ep.evidence, ep.guest_saw_ns = Evidence.STATUS_READ, ep.start_ns
+    assert EpisodeLog(buf).write(EpisodeEnded(ep))
+    rec = json.loads(buf.getvalue())
+    assert rec["notify_seconds"] is None and rec["recovery_seconds"] == ep.recovery_seconds
 
 
 def test_stuck_and_abandoned_have_null_phases():
