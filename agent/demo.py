@@ -166,6 +166,9 @@ class Row:
     agent_reset_s: Optional[float] = None
     agent_reinit_s: Optional[float] = None
     delay_ms: int = 0
+    # the guest's uncertainty: how long its detecting read spent in the host (issue -> return;
+    # wide when its vCPU was preempted there)
+    guest_window_s: Optional[float] = None
 
 
 def _device_status_addr(record: dict) -> Optional[int]:
@@ -221,7 +224,9 @@ def match_episodes(vm_name: str, result, records: list[dict]) -> list[Row]:
                 agent_react_s=_phase(rec, "guest_saw_ns", "reset_written_ns") if rec else None,
                 agent_reset_s=_phase(rec, "reset_written_ns", "reset_done_ns") if rec else None,
                 agent_reinit_s=_phase(rec, "reset_done_ns", "driver_ok_ns") if rec else None,
-                delay_ms=result.spec.delay_ms))
+                delay_ms=result.spec.delay_ms,
+                guest_window_s=(g.needs_reset_window_ns / 1e9
+                                if g.needs_reset_window_ns is not None else None)))
     return rows
 
 
@@ -231,14 +236,14 @@ def _ms(v: Optional[float]) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = ("vm", "transport", "dev", "ep", "delay", "outcome", "agent ms", "guest ms", "diff ms",
-            "notify", "react", "reset", "reinit")
+            "notify", "react", "reset", "reinit", "read window")
     lines = [head]
     for r in rows:
         diff = (r.agent_s - r.guest_s) if r.agent_s is not None and r.guest_s is not None else None
         lines.append((r.vm, r.transport, str(r.dev), str(r.ep), f"{r.delay_ms}ms", r.outcome,
                       _ms(r.agent_s), _ms(r.guest_s), _ms(diff), _ms(r.agent_notify_s),
                       _ms(r.agent_react_s),
-                      _ms(r.agent_reset_s), _ms(r.agent_reinit_s)))
+                      _ms(r.agent_reset_s), _ms(r.agent_reinit_s), _ms(r.guest_window_s)))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if i < 6 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths))) for row in lines)

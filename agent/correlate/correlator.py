@@ -921,6 +921,20 @@ class Correlator:
         reads status is judged by the state machine; one that goes on kicking the device with no
         completion and never reads status is how a Linux guest looks after NEEDS_RESET."""
         out.extend(dev.config_interrupt(vm.identity, ts, timed))
+        ep = dev.open_episode
+        if (timed and ep is not None and ep.evidence == Evidence.STATUS_READ
+                and ep.guest_saw_ns is not None and ep.reset_written_ns is None
+                and 0 <= ep.guest_saw_ns - ts <= self.config.notify_window_ns
+                and ts > dev.last_episode_end_ns):
+            # the guest read status before its ISR (which said "config change"): the line's
+            # rise before that read is the interrupt that told it, as if seen first
+            ep.start_ns, ep.evidence = ts, Evidence.CONFIG_INTERRUPT
+            self._started[Evidence.STATUS_READ] -= 1
+            if not self._started[Evidence.STATUS_READ]:
+                del self._started[Evidence.STATUS_READ]
+            self._started[Evidence.CONFIG_INTERRUPT] += 1
+            dev.notify_deadline_ns = None
+            self.changes += 1
         if dev.open_episode is None and not dev.suspected:
             dev.suspect_irq_ns = ts
             dev.suspect_kick_ns = None

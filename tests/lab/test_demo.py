@@ -25,10 +25,10 @@ def test_demo_runs_and_every_guest_episode_has_the_agents_figure(bpf, kvm):
     assert seen == expected, table
     assert [r[5] for r in rows if r[0] == stuck_name] == ["abandoned"], table
     # agent and guest agree on what both measured (columns agent ms, guest ms): within
-    # max(50 us, 2 %) plus 1 ms for a preempted vCPU (the table has no read window;
-    # tests/lab/test_correlation_lab.py checks the tight bound with it)
+    # max(50 us, 2 %) plus the guest's own uncertainty, the time its detecting read spent in the
+    # host (the "read window" column, wide when its vCPU was preempted there)
     for r in rows:
         if r[5] == "recovered":
-            agent_ms, guest_ms = float(r[6]), float(r[7])
-            assert abs(agent_ms - guest_ms) <= max(0.05, 0.02 * guest_ms) + 1.0, r
+            agent_ms, guest_ms, window_ms = float(r[6]), float(r[7]), float(r[13])
+            assert abs(agent_ms - guest_ms) <= max(0.05, 0.02 * guest_ms) + window_ms, r
     assert re.search(r'virtio_devices_stuck(\{[^}]*\})? 1', out), "stuck gauge never shown"

@@ -305,3 +305,36 @@ def test_the_model_survives_a_restart_through_the_state_file():
     out += fresh.flush()
     [ended] = [o.episode for o in out if hasattr(o, "episode")]
     assert ended.device == "pci-0000:00:03.0" and ended.start_ns == ep.start_ns
+
+
+def test_intx_guest_reading_status_before_its_isr_still_gets_the_exact_start():
+    """The lab guest (and a polling driver) reads status first, then the ISR: the ISR's config
+    bit, arriving after the episode opened at the read, re-times it to its own line's rise."""
+    s = Script()
+    vm = s.vm(7, "vm")
+    dev = vm.device(Transport.PCI_MODERN, 0xFE000000, gsi=10)
+    dev.init()
+    dev.status |= E.DEVICE_NEEDS_RESET
+    rise = s.step()
+    s.emit(E.IrqLine(rise, 7, 8, 10, 1))
+    saw = dev.read()
+    dev.access(E.Op.READ, 0x3, addr=dev.isr_addr)
+    dev.recover()
+    c, out = run(s.events)
+    [ended] = [o.episode for o in out if hasattr(o, "episode")]
+    assert (ended.evidence, ended.start_ns, ended.guest_saw_ns) == (
+        Evidence.CONFIG_INTERRUPT, rise, saw)
+    assert c.snapshot(s.t).episodes_started == {Evidence.CONFIG_INTERRUPT: 1}
+    # a rise after the read is not the one that told the guest
+    s2 = Script()
+    vm2 = s2.vm(7, "vm")
+    dev2 = vm2.device(Transport.PCI_MODERN, 0xFE000000, gsi=10)
+    dev2.init()
+    dev2.status |= E.DEVICE_NEEDS_RESET
+    saw2 = dev2.read()
+    s2.emit(E.IrqLine(s2.step(), 7, 8, 10, 1))
+    dev2.access(E.Op.READ, 0x3, addr=dev2.isr_addr)
+    dev2.recover()
+    _, out2 = run(s2.events)
+    [ended2] = [o.episode for o in out2 if hasattr(o, "episode")]
+    assert (ended2.evidence, ended2.start_ns) == (Evidence.STATUS_READ, saw2)
