@@ -350,7 +350,7 @@ class Correlator:
         plan = pv.plans.get(bdf, {})
         if dev is None:
             owner = vm.regs.get((layout.space, layout.status_addr))
-            if owner is not None and owner[0].pci_bdf is None:
+            if owner is not None and owner[0].pci_bdf is None and v.name not in vm.devices:
                 # found from its traffic before its enumeration was seen: the same device
                 dev = owner[0]
                 self._rename_device(vm, dev, v.name)
