@@ -297,17 +297,15 @@ class Correlator:
         """The span of the VM's virtio memory BARs (sized and assigned), for capture to forward
         the writes a driver makes there before their watches land."""
         lo = hi = None
-        for v in pv.model.virtio_functions():
-            fn = pv.model.function(v.bdf)
-            for i in range(6):
-                bar = fn.bar(i)
+        for bdf in list(pv.model.functions):
+            for base, size in pv.model.memory_bars(bdf):
                 # a BAR whose sizing was not seen (the firmware's, before the agent ran, or
                 # assigned without sizing): its first page, where the structures usually start
-                size = bar.size or 0x1000 if bar is not None else 0
-                if bar is None or bar.io or bar.base + size > 1 << 52:
+                size = size or 0x1000
+                if base + size > 1 << 52:
                     continue
-                lo = bar.base if lo is None else min(lo, bar.base)
-                hi = bar.base + size if hi is None else max(hi, bar.base + size)
+                lo = base if lo is None else min(lo, base)
+                hi = base + size if hi is None else max(hi, base + size)
         span = (lo, hi - lo) if lo is not None else None
         if span == pv.bars:
             return

@@ -109,6 +109,7 @@ class PciFunction:
     msix_config: Optional[int] = None               # the MSI-X entry of config changes
     queue_select: Optional[int] = None
     queue_vectors: dict = field(default_factory=dict)  # queue -> msix entry (0xFFFF: none)
+    version: int = 0        # bumped when what the configuration space says changes (caches)
 
     # -- raw bytes -----------------------------------------------------------------------
 
@@ -121,8 +122,12 @@ class PciFunction:
         size = min(size, CFG_SIZE - off)
         if size <= 0:
             return
-        self.cfg[off:off + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+        new = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+        if self.cfg[off:off + size] == new and all(self.known[off:off + size]):
+            return
+        self.cfg[off:off + size] = new
         self.known[off:off + size] = b"\x01" * size
+        self.version += 1
 
     # -- accesses ------------------------------------------------------------------------
 
@@ -131,8 +136,9 @@ class PciFunction:
         if BAR0 <= dword < BAR0 + 24 and dword in self.sizing:
             # the read after an all-ones write: the BAR's size mask, not its address
             self.sizing.discard(dword)
-            if size == 4 and off == dword:
+            if size == 4 and off == dword and self.bar_masks.get(dword) != value:
                 self.bar_masks[dword] = value
+                self.version += 1
             return
         self._put(off, size, value)
 
@@ -375,6 +381,9 @@ class PciModel:
     def __init__(self, max_functions: int = MAX_FUNCTIONS) -> None:
         self.functions: OrderedDict[int, PciFunction] = OrderedDict()
         self.max_functions = max_functions
+        # bdf -> (function version, virtio view, memory BARs): a view is derived once per
+        # change of what the guest told, not per access
+        self._views: dict[int, tuple[int, Optional["VirtioPci"], tuple]] = {}
         self.evicted = 0
         self.ecam: Optional[tuple[int, int]] = None    # (base, size) the guest programmed
 
@@ -382,7 +391,8 @@ class PciModel:
         fn = self.functions.get(bdf)
         if fn is None and create:
             if len(self.functions) >= self.max_functions:
-                self.functions.popitem(last=False)
+                gone, _ = self.functions.popitem(last=False)
+                self._views.pop(gone, None)
                 self.evicted += 1
             fn = self.functions[bdf] = PciFunction(bdf)
         elif fn is not None:
@@ -398,6 +408,7 @@ class PciModel:
                 # nothing there (a master abort reads all-ones): not a function
                 if bdf in self.functions and off == 0:
                     del self.functions[bdf]
+                    self._views.pop(bdf, None)
                 return None
             fn = self.function(bdf, create=off == 0)
             if fn is None:
@@ -433,8 +444,28 @@ class PciModel:
 
     def virtio(self, bdf: int) -> Optional[VirtioPci]:
         """The virtio view of a function, once its identity is known."""
+        return self._view(bdf)[0]
+
+    def memory_bars(self, bdf: int) -> tuple:
+        """(base, size or None) of a virtio function's assigned memory BARs."""
+        return self._view(bdf)[1]
+
+    def _view(self, bdf: int) -> tuple:
         fn = self.functions.get(bdf)
-        if fn is None or not fn.is_virtio:
+        if fn is None:
+            self._views.pop(bdf, None)
+            return None, ()
+        cached = self._views.get(bdf)
+        if cached is not None and cached[0] == fn.version:
+            return cached[1], cached[2]
+        view = self._derive(bdf, fn)
+        bars = tuple((b.base, b.size) for b in (fn.bar(i) for i in range(6))
+                     if b is not None and not b.io) if view is not None else ()
+        self._views[bdf] = (fn.version, view, bars)
+        return view, bars
+
+    def _derive(self, bdf: int, fn: PciFunction) -> Optional[VirtioPci]:
+        if not fn.is_virtio:
             return None
         legacy = None
         if fn.transitional:
