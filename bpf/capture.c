@@ -207,7 +207,9 @@ BPF_HASH(ecam, u32, struct ecam_window, VM_ENTRIES);
 // MSI-X table and msix_config right after reading the capability, before a watch can land.
 BPF_HASH(devbar, u32, struct ecam_window, VM_ENTRIES);
 // (VMM, bus << 8 | dev << 3 | fn) of functions whose vendor id read 0x1af4 (virtio): a memory
-// BAR the guest assigns to one joins the VM's devbar span at once (devbar_from_bar)
+// BAR the guest assigns to one joins the VM's devbar span at once (devbar_from_bar); and
+// (VMM, Q35_MCH_MARK) when its 00:00.0 read as a Q35 MCH (8086:29c0): PCIEXBAR is decoded
+#define Q35_MCH_MARK 0x10000
 BPF_TABLE("lru_hash", u64, u8, virtio_fns, VM_ENTRIES);
 BPF_TABLE("lru_hash", struct reg_key, struct reg_state, cfg_state, CFG_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
@@ -445,9 +447,19 @@ static __always_inline void devbar_from_bar(u32 tgid, u64 addr, u64 value)
 
 static __always_inline void handle_config(u32 tgid, u8 op, u64 addr, u32 size, u64 value)
 {
-    if (addr == 0x60 && size == 4 && op == OP_WRITE && cfg(CFG_PCIEXBAR))
-        decode_pciexbar(tgid, value);
     u32 reg_off = addr & 0xfff;
+    if (addr == 0x60 && size == 4 && op == OP_WRITE && cfg(CFG_PCIEXBAR)) {
+        // only on a Q35 MCH (its ids read at 00:00.0 first, as firmware does to detect it):
+        // 00:00.0 +0x60 is another register on other host bridges (i440FX: DRAM rows)
+        u64 mch = (u64)tgid << 32 | Q35_MCH_MARK;
+        if (virtio_fns.lookup(&mch))
+            decode_pciexbar(tgid, value);
+    }
+    if (addr == 0 && op == OP_READ && size == 4 && value == 0x29c08086) {
+        u64 mch = (u64)tgid << 32 | Q35_MCH_MARK;
+        u8 one = 1;
+        virtio_fns.update(&mch, &one);
+    }
     if (reg_off == 0 && op == OP_READ && size >= 2 && (value & 0xffff) == 0x1af4) {
         u64 key = (u64)tgid << 32 | ((addr >> 12) & 0xffff);
         u8 one = 1;
