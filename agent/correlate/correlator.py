@@ -353,7 +353,7 @@ class Correlator:
                 dev = owner[0]
                 self._rename_device(vm, dev, v.name)
             else:
-                dev = DeviceState(id=v.name, type=v.type, transport=layout.transport,
+                dev = DeviceState(id=v.name, type=v.type, transport=self._pci_transport(v, layout),
                                   layout=layout, last_ts=ts)
                 self._add_device(vm, dev, out)
             dev.pci_bdf = bdf
@@ -361,7 +361,9 @@ class Correlator:
             self.changes += 1
         if dev.type != v.type or dev.layout != layout and dev.status is None:
             dev.type = v.type
-            dev.layout, dev.transport = layout, layout.transport
+            dev.layout = layout
+            if dev.status is None:
+                dev.transport = self._pci_transport(v, layout)
             self.changes += 1
         if dev.watched != plan:
             for key in dev.watched:
@@ -374,6 +376,12 @@ class Correlator:
             vm.notify.clear()
             self.changes += 1
         self._sync_config_irq(vm, dev)
+
+    @staticmethod
+    def _pci_transport(v, layout: Layout) -> str:
+        """A transitional device (legacy I/O BAR too) is driven through whichever interface its
+        driver picks: unknown until its first status access says."""
+        return Transport.UNKNOWN if v.legacy_io is not None else layout.transport
 
     def _sync_config_irq(self, vm: VmState, dev: DeviceState) -> None:
         pv = self._pci.get(vm.identity.pid)
@@ -735,6 +743,8 @@ class Correlator:
                 lay = layout_for(ev.space, ev.addr, ev.size)
                 if lay is not None:
                     dev.layout, dev.transport = lay, lay.transport
+            elif dev.transport == Transport.UNKNOWN and dev.layout is not None:
+                dev.transport = dev.layout.transport
             self._status(vm, dev, ev, out)
         elif reg == Register.ISR and ev.op == Op.READ:
             # virtio-mmio: the InterruptACK write that follows says the same (it is counted)

@@ -338,3 +338,20 @@ def test_intx_guest_reading_status_before_its_isr_still_gets_the_exact_start():
     _, out2 = run(s2.events)
     [ended2] = [o.episode for o in out2 if hasattr(o, "episode")]
     assert (ended2.evidence, ended2.start_ns) == (Evidence.STATUS_READ, saw2)
+
+
+def test_a_transitional_device_transport_is_what_its_driver_picks():
+    """Transitional ids expose both interfaces (virtio 1.x 4.1.2.1): never driven, the transport
+    is unknown, not a guess; the first status access decides."""
+    for space, status_addr, want in ((E.Space.PIO, 0xC040 + 18, Transport.PCI_LEGACY),
+                                     (E.Space.MMIO, 0xFE000014, Transport.PCI_MODERN)):
+        s = Script()
+        vm = s.vm(7, "vm")
+        fn = Function(3 << 3, type="net", transitional=True, io_bar=0xC040, bar4=0xFE000000)
+        vm.guest.program(fn, config_vector=None)
+        c, _ = run(s.events)
+        assert [(v.device, v.type, v.transport) for v in c.snapshot(s.t).devices] == [
+            ("pci-0000:00:03.0", "net", Transport.UNKNOWN)]
+        s.emit(E.RegisterAccess(s.step(), 7, 8, space, E.Op.WRITE, status_addr, 1, 0))
+        c, _ = run(s.events)
+        assert [v.transport for v in c.snapshot(s.t).devices] == [want]
