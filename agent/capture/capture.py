@@ -363,39 +363,50 @@ class Capture:
         return RegisterState(register=Register.UNKNOWN, valid=bool(val.valid), last=val.last,
                              op=dec.OPS.get(val.op, "?"), repeats=val.repeats)
 
+    def _set_window(self, name: bytes, pid: int, base: int, size: int, add: bool) -> bool:
+        """A VM's window in a per-VM (base, size) map (`ecam`, `devbar`): set, or forgotten
+        with add=False. False (and counted) if the map refused it."""
+        table = self.bpf[name]
+        key = ctypes.c_uint32(pid)
+        if not add:
+            try:
+                del table[key]
+            except KeyError:
+                pass
+            return True
+        if pid <= 0 or pid >= 1 << 32:
+            raise ValueError(f"bad pid {pid}")
+        if not 0 <= base < 2**64 - size:
+            raise ValueError(f"base {base:#x} out of range")
+        val = table.Leaf()
+        val.base, val.size = base, size
+        try:
+            table[key] = val
+        except Exception as exc:
+            self._watch_errors += 1
+            log.debug("%s map update failed: %s", name.decode(), exc)
+            return False
+        return True
+
     def watch_ecam(self, req: WatchEcam) -> bool:
         """Translate VM req.pid's MMIO accesses in [base, base + size) into PCI configuration
         space (addr = gpa - base); add=False forgets the VM's window. One window per VM: a
         new one replaces the old. False (and counted) if the map refused it."""
         if self.bpf is None:
             raise CaptureError("capture is not started")
-        table = self.bpf[b"ecam"]
-        key = ctypes.c_uint32(req.pid)
-        if not req.add:
-            try:
-                del table[key]
-            except KeyError:
-                pass
-            self._ecams.pop(req.pid, None)
-            self._ecam_bounds()
-            return True
-        if req.pid <= 0 or req.pid >= 1 << 32:
-            raise ValueError(f"WatchEcam: bad pid {req.pid}")
-        if not 0 < req.size <= ECAM_MAX_SIZE or req.size % 4096:
+        if req.add and (not 0 < req.size <= ECAM_MAX_SIZE or req.size % 4096):
             raise ValueError(f"WatchEcam: size {req.size:#x} is not a multiple of 4 KiB "
                              f"up to {ECAM_MAX_SIZE:#x}")
-        if not 0 <= req.base < 2**64 - req.size:
-            raise ValueError(f"WatchEcam: base {req.base:#x} out of range")
-        val = table.Leaf()
-        val.base = req.base
-        val.size = req.size
         try:
-            table[key] = val
-        except Exception as exc:
-            self._watch_errors += 1
-            log.debug("ecam map update failed: %s", exc)
+            ok = self._set_window(b"ecam", req.pid, req.base, req.size, req.add)
+        except ValueError as exc:
+            raise ValueError(f"WatchEcam: {exc}") from None
+        if not ok:
             return False
-        self._ecams[req.pid] = (req.base, req.base + req.size)
+        if req.add:
+            self._ecams[req.pid] = (req.base, req.base + req.size)
+        else:
+            self._ecams.pop(req.pid, None)
         self._ecam_bounds()
         return True
 
@@ -404,26 +415,14 @@ class Capture:
         values (one span per VM; add=False forgets it). False (and counted) if refused."""
         if self.bpf is None:
             raise CaptureError("capture is not started")
-        table = self.bpf[b"devbar"]
-        key = ctypes.c_uint32(req.pid)
-        if not req.add:
-            try:
-                del table[key]
-            except KeyError:
-                pass
-        else:
-            if req.pid <= 0 or req.pid >= 1 << 32 or req.size <= 0 or \
-                    not 0 <= req.base < 2**64 - req.size:
-                raise ValueError(f"WatchDeviceBars: bad request {req}")
-            val = table.Leaf()
-            val.base, val.size = req.base, req.size
-            try:
-                table[key] = val
-            except Exception as exc:
-                self._watch_errors += 1
-                log.debug("devbar map update failed: %s", exc)
+        if req.add and req.size <= 0:
+            raise ValueError(f"WatchDeviceBars: size {req.size} is not positive")
+        try:
+            if not self._set_window(b"devbar", req.pid, req.base, req.size, req.add):
                 return False
-        spans = [(v.base, v.base + v.size) for v in table.values()]
+        except ValueError as exc:
+            raise ValueError(f"WatchDeviceBars: {exc}") from None
+        spans = [(v.base, v.base + v.size) for v in self.bpf[b"devbar"].values()]
         cfg = self.bpf[b"config"]
         cfg[ctypes.c_int(CFG_DEVBAR_LO)] = ctypes.c_uint64(min((b for b, _ in spans), default=0))
         cfg[ctypes.c_int(CFG_DEVBAR_HI)] = ctypes.c_uint64(max((e for _, e in spans), default=0))
