@@ -201,7 +201,10 @@ def test_netkvm_guest_recovery_is_measured(agent):
     for row in rows:
         print(f"netkvm ep {row.ep}: agent {row.agent_s * 1e3:.3f} ms, guest "
               f"{row.guest_s * 1e3:.3f} ms, react {row.agent_react_s * 1e3:.3f} ms")
-        assert abs(row.agent_s - row.guest_s) <= 0.0005 + 0.02 * row.guest_s
+        # within 0.5 ms + 2 %, plus the guest's own uncertainty: the time its detecting read
+        # spent in the host (wide when its vCPU was preempted there), as the other lab tests
+        assert abs(row.agent_s - row.guest_s) <= \
+            0.0005 + 0.02 * row.guest_s + (row.guest_window_s or 0.0), row
     for g in result.episodes:
         print(f"netkvm ep {g.ep}: fault -> noticed {g.detect_latency_ns / 1e6:.1f} ms (guest TSC)")
     # the guest read status itself: no suspicion, no QMP needed
