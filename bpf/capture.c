@@ -19,7 +19,7 @@
 #define RINGBUF_PAGES 64
 #endif
 #ifndef WATCH_ENTRIES
-#define WATCH_ENTRIES 4096
+#define WATCH_ENTRIES 16384
 #endif
 #ifndef CAND_ENTRIES
 #define CAND_ENTRIES 4096
@@ -210,7 +210,7 @@ BPF_HASH(devbar, u32, struct ecam_window, VM_ENTRIES);
 // BAR the guest assigns to one joins the VM's devbar span at once (devbar_from_bar); and
 // (VMM, Q35_MCH_MARK) when its 00:00.0 read as a Q35 MCH (8086:29c0): PCIEXBAR is decoded
 #define Q35_MCH_MARK 0x10000
-BPF_TABLE("lru_hash", u64, u8, virtio_fns, VM_ENTRIES);
+BPF_TABLE("lru_hash", u64, u8, virtio_fns, 8 * VM_ENTRIES);  // ~8 functions a VM
 BPF_TABLE("lru_hash", struct reg_key, struct reg_state, cfg_state, CFG_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 BPF_ARRAY(config, u64, CFG_N);

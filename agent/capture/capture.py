@@ -78,7 +78,7 @@ class Capture:
                  discovery_rate: int = 200, discovery_burst: int = 64,
                  pio_min_port: int = 0x1000, activity_rate: int = DEFAULT_ACTIVITY_RATE,
                  activity_burst: int = 64, activity_interval_ms: int = 200,
-                 raw_tracepoints: Optional[bool] = None, watch_entries: int = 4096,
+                 raw_tracepoints: Optional[bool] = None, watch_entries: int = 16384,
                  candidate_entries: int = 4096, vm_entries: int = 1024,
                  irq_entries: int = 4096, config_rate: int = 1000, config_burst: int = 4096,
                  config_entries: int = 16384, pciexbar_decode: bool = True) -> None:

@@ -28,7 +28,7 @@ from agent.correlate.layout import (
     looks_initialised, type_from_virtio_id,
 )
 from agent.correlate.pcimodel import PciModel
-from agent.correlate.pciwatch import Plan, layout_of, watch_plan
+from agent.correlate.pciwatch import Plan, layout_of, needs_watch, watch_plan
 
 ISR_CONFIG = 0x2        # ISR status / InterruptStatus bit: configuration change
 ISR_QUEUE = 0x1         # ISR status / InterruptStatus bit: used buffer (progress)
@@ -281,12 +281,13 @@ class Correlator:
         for key, reg in old.items():
             if plan.get(key) != reg:
                 pv.regs.pop(key, None)
-                if key not in plan:
+                if key not in plan and needs_watch(reg):
                     out.append(WatchRegister(pid, key[0], key[1], reg, add=False))
         for key, reg in plan.items():
             if old.get(key) != reg:
                 pv.regs[key] = (bdf, reg)
-                out.append(WatchRegister(pid, key[0], key[1], reg))
+                if needs_watch(reg):
+                    out.append(WatchRegister(pid, key[0], key[1], reg))
         if plan:
             pv.plans[bdf] = plan
         else:
@@ -650,7 +651,8 @@ class Correlator:
             plan = pv.plans.pop(dev.pci_bdf, {}) if pv is not None else {}
             for (space, addr), reg in plan.items():   # evicted: found again on new traffic
                 pv.regs.pop((space, addr), None)
-                out.append(WatchRegister(vm.identity.pid, space, addr, reg, add=False))
+                if needs_watch(reg):
+                    out.append(WatchRegister(vm.identity.pid, space, addr, reg, add=False))
             if pv is not None:
                 self._watch_irqs(vm.identity.pid, pv, out)
         del vm.devices[dev.id]

@@ -23,9 +23,16 @@ LEGACY_QUEUE_SELECT_OFFSET = 14
 LEGACY_QUEUE_VECTOR_OFFSET = 22
 MAX_NOTIFY_WATCHES = 8      # queue notify addresses watched per device (kicks of later queues
                             # are still attributed by the notify region, through discovery)
-MAX_MSIX_WATCHED = 16       # MSI-X entries whose address, data and control are watched
+MAX_MSIX_WATCHED = 16       # MSI-X entries whose address, data and control are followed
 
 Plan = dict[tuple[str, int], int]   # (space, addr) -> events.Register
+
+
+def needs_watch(register: int) -> bool:
+    """Is a planned register asked of capture's watch map? MSI-X table writes are not: capture
+    forwards them through the VM's device-BAR span (WatchDeviceBars, and the kernel's own span
+    from BAR assignment), which saves 48 watch entries a device."""
+    return register != Register.MSIX_TABLE
 
 
 def layout_of(v: VirtioPci) -> Optional[Layout]:
