@@ -374,6 +374,21 @@ static __always_inline void handle_candidate(struct reg_key *k, u8 op, u32 size,
     submit(e);
 }
 
+// Widen a global span (config slots lo_slot/hi_slot: the lowest base and highest end of all
+// VMs' windows of one map, which spares other accesses a per-VM lookup) to cover [base, end).
+// Never shrunk here: other VMs' windows may be in it; userspace recomputes the exact span
+// from the map.
+static __always_inline void widen_span(int lo_slot, int hi_slot, u64 base, u64 end)
+{
+    u64 *lo = config.lookup(&lo_slot), *hi = config.lookup(&hi_slot);
+    if (!lo || !hi)
+        return;
+    if (*hi == 0 || base < *lo)
+        *lo = base;     // an empty span (hi 0) starts at this window
+    if (end > *hi)
+        *hi = end;
+}
+
 // q35 MCH PCIEXBAR (00:00.0 +0x60, low dword): bit 0 enable, bits 2:1 length (0 = 256 MiB,
 // 1 = 128 MiB, 2 = 64 MiB, 3 reserved: ignored), base in the bits above the length. SeaBIOS
 // uses the window right after writing it, before userspace could install it: set (or delete)
@@ -399,22 +414,9 @@ static __always_inline void decode_pciexbar(u32 tgid, u32 value)
         count(C_CANDIDATE_MAP_FULL);   // the ecam hash is full
         return;
     }
-    int lo_slot = CFG_ECAM_LO, hi_slot = CFG_ECAM_HI;
-    u64 *lo = config.lookup(&lo_slot), *hi = config.lookup(&hi_slot);
-    if (!lo || !hi)
-        return;
-    u64 end = win.base + win.size;
-    if (*hi == 0 || win.base < *lo)
-        *lo = win.base;     // an empty span (hi 0) starts at this window
-    if (end > *hi)
-        *hi = end;
+    widen_span(CFG_ECAM_LO, CFG_ECAM_HI, win.base, win.base + win.size);
 }
 
-// A PCI configuration-space access (through 0xcf8/0xcfc or an ECAM window): forwarded when
-// (value, op, size) differs from the last one forwarded for that config address of the VM;
-// identical ones are folded into the next event's `repeats`. A change needs a token of the VM's
-// config bucket. Per config address, not per port: two functions with the same ids, read one
-// after the other, are both forwarded. A PCIEXBAR write is decoded first (CFG_PCIEXBAR).
 // A driver programs its MSI-X table and common configuration right after it assigned the BAR
 // (the lab guest within 2 ms): too soon for userspace's WatchDeviceBars. So the kernel adds the
 // first page of a virtio function's newly assigned memory BAR to the VM's span itself (widening
@@ -435,16 +437,15 @@ static __always_inline void devbar_from_bar(u32 tgid, u64 addr, u64 value)
     }
     if (devbar.update(&tgid, &win) != 0)
         return;
-    int lo_slot = CFG_DEVBAR_LO, hi_slot = CFG_DEVBAR_HI;
-    u64 *lo = config.lookup(&lo_slot), *hi = config.lookup(&hi_slot);
-    if (!lo || !hi)
-        return;
-    if (*hi == 0 || win.base < *lo)
-        *lo = win.base;
-    if (win.base + win.size > *hi)
-        *hi = win.base + win.size;
+    widen_span(CFG_DEVBAR_LO, CFG_DEVBAR_HI, win.base, win.base + win.size);
 }
 
+// A PCI configuration-space access (through 0xcf8/0xcfc or an ECAM window): forwarded when
+// (value, op, size) differs from the last one forwarded for that config address of the VM;
+// identical ones are folded into the next event's `repeats`. A change needs a token of the VM's
+// config bucket. Per config address, not per port: two functions with the same ids, read one
+// after the other, are both forwarded. A PCIEXBAR write is decoded first (CFG_PCIEXBAR), virtio
+// functions and their BAR assignments are noted (devbar_from_bar).
 static __always_inline void handle_config(u32 tgid, u8 op, u64 addr, u32 size, u64 value)
 {
     u32 reg_off = addr & 0xfff;

@@ -121,7 +121,6 @@ class Capture:
         # mirror of what we put in watch / irq_watch, per pid, to clean up on ProcessExit
         self._watched: dict[int, set] = {}
         self._irqs: dict[int, set] = {}
-        self._ecams: dict[int, tuple[int, int]] = {}    # pid -> ECAM window (base, end)
         self._exited: list[int] = []
 
     # ---- lifecycle -------------------------------------------------------------------
@@ -403,11 +402,7 @@ class Capture:
             raise ValueError(f"WatchEcam: {exc}") from None
         if not ok:
             return False
-        if req.add:
-            self._ecams[req.pid] = (req.base, req.base + req.size)
-        else:
-            self._ecams.pop(req.pid, None)
-        self._ecam_bounds()
+        self._span_bounds(b"ecam", CFG_ECAM_LO, CFG_ECAM_HI)
         return True
 
     def watch_device_bars(self, req: WatchDeviceBars) -> bool:
@@ -422,25 +417,23 @@ class Capture:
                 return False
         except ValueError as exc:
             raise ValueError(f"WatchDeviceBars: {exc}") from None
-        spans = [(v.base, v.base + v.size) for v in self.bpf[b"devbar"].values()]
-        cfg = self.bpf[b"config"]
-        cfg[ctypes.c_int(CFG_DEVBAR_LO)] = ctypes.c_uint64(min((b for b, _ in spans), default=0))
-        cfg[ctypes.c_int(CFG_DEVBAR_HI)] = ctypes.c_uint64(max((e for _, e in spans), default=0))
+        self._span_bounds(b"devbar", CFG_DEVBAR_LO, CFG_DEVBAR_HI)
         return True
 
-    def _ecam_bounds(self) -> None:
-        """The kernel looks a VM's window up only for MMIO accesses within all windows' span.
-        The span is computed from the ecam map itself: with pciexbar_decode the kernel inserts
-        windows (and widens the span) that userspace has not been told about yet. The kernel
-        inserts before it widens, so re-reading the map after the store catches a window
-        whose widening the store overwrote."""
-        table, cfg = self.bpf[b"ecam"], self.bpf[b"config"]
+    def _span_bounds(self, name: bytes, lo_slot: int, hi_slot: int) -> None:
+        """The kernel looks a VM's window (`ecam`, `devbar`) up only for MMIO accesses within
+        all windows' span (config slots lo_slot/hi_slot). The span is computed from the map
+        itself: the kernel inserts or widens windows (PCIEXBAR, virtio BAR assignments) that
+        userspace has not been told about yet. The kernel inserts before it widens, so
+        re-reading the map after the store catches a window whose widening the store
+        overwrote."""
+        table, cfg = self.bpf[name], self.bpf[b"config"]
         for _ in range(8):
             wins = [(v.base, v.base + v.size) for v in table.values()]
             lo = min((b for b, _ in wins), default=0)
             hi = max((e for _, e in wins), default=0)
-            cfg[ctypes.c_int(CFG_ECAM_LO)] = ctypes.c_uint64(lo)
-            cfg[ctypes.c_int(CFG_ECAM_HI)] = ctypes.c_uint64(hi)
+            cfg[ctypes.c_int(lo_slot)] = ctypes.c_uint64(lo)
+            cfg[ctypes.c_int(hi_slot)] = ctypes.c_uint64(hi)
             if all(lo <= v.base and v.base + v.size <= hi for v in table.values()):
                 return
 
@@ -485,19 +478,17 @@ class Capture:
                 pass
         # PCI configuration space: the latch, the ECAM window and the folding state (else a
         # new VM that gets the pid would have its first reads folded against the old VM's)
-        had_window = self._ecams.pop(pid, None) is not None
-        for name in (b"cf8_latch", b"ecam"):
-            try:
-                del self.bpf[name][ctypes.c_uint32(pid)]
-                had_window |= name == b"ecam"   # also one the kernel set from PCIEXBAR
-            except KeyError:
-                pass
-        if had_window:
-            self._ecam_bounds()
         try:
-            del self.bpf[b"devbar"][ctypes.c_uint32(pid)]
+            del self.bpf[b"cf8_latch"][ctypes.c_uint32(pid)]
         except KeyError:
             pass
+        for name, lo_slot, hi_slot in ((b"ecam", CFG_ECAM_LO, CFG_ECAM_HI),
+                                       (b"devbar", CFG_DEVBAR_LO, CFG_DEVBAR_HI)):
+            try:    # also a window the kernel set (PCIEXBAR, a virtio BAR assignment)
+                del self.bpf[name][ctypes.c_uint32(pid)]
+            except KeyError:
+                continue
+            self._span_bounds(name, lo_slot, hi_slot)
         fns = self.bpf[b"virtio_fns"]
         for key in [int(getattr(k, "value", k)) for k in _map_keys(fns)]:
             if key >> 32 != pid:

@@ -65,7 +65,6 @@ class DeviceState:
     last_config_irq_ns: Optional[int] = None   # when the last config interrupt was raised
     last_config_seen_ns: Optional[int] = None  # when the last one was evidenced (raise time
                                                # known or not: an ISR read with bit 1)
-    config_irq_acked_ns: Optional[int] = None  # the delivered config irq an ISR read / ACK confirmed
     last_isr: int = 0                     # last ISR / InterruptStatus value read
     last_ack: int = 0                     # last virtio-mmio InterruptACK value written
     last_episode_end_ns: int = -1

@@ -345,15 +345,6 @@ class PciFunction:
                                               or len(self.queue_vectors) < MAX_QUEUES):
             self.queue_vectors[self.queue_select] = entry
 
-    def queue_msix_vectors(self) -> dict[int, tuple[Optional[int], int]]:
-        """queue -> (destination, vector) of the queues whose vector is exactly known."""
-        out = {}
-        for q, entry in self.queue_vectors.items():
-            v = self.vector_of(entry)
-            if v is not None:
-                out[q] = v
-        return out
-
 
 @dataclass(frozen=True, slots=True)
 class VirtioPci:
@@ -479,6 +470,3 @@ class PciModel:
             notify_multiplier=fn.notify_multiplier,
             legacy_io=legacy, msix_table=fn.msix_table(), msix_enabled=fn.msix_enabled,
             interrupt_line=fn.interrupt_line)
-
-    def virtio_functions(self) -> list[VirtioPci]:
-        return [v for v in (self.virtio(b) for b in list(self.functions)) if v is not None]
