@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from agent.episode_log import read_records
+from agent.export.episode_log import read_records
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 from agent.events import Register, Space, to_json
 from agent.model import WatchInterrupt, WatchRegister
-from agent.vmident import identify_vm
+from agent.vmm.vmident import identify_vm
 
 MAX_PIDS = 4096  # bound on VMMs remembered for applying watches
 

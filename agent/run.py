@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional
 
-from agent.episode_log import EpisodeLog
+from agent.export.episode_log import EpisodeLog
 from agent.events import ProcessExit, Register, VmStarted
-from agent.metrics import AgentCollector, EpisodeHistograms, SelfStats
+from agent.export.metrics import AgentCollector, EpisodeHistograms, SelfStats
 from agent.model import (
     EpisodeEnded, EpisodeStuck, NeedsResetSuspected, Snapshot, Violation, VmIdentity,
     WatchDeviceBars, WatchEcam, WatchInterrupt, WatchRegister,
@@ -90,7 +90,7 @@ def _positive_int(text: str) -> int:
 
 
 def _listen(text: str) -> str:
-    from agent.server import ListenAddressError, parse_listen
+    from agent.export.server import ListenAddressError, parse_listen
 
     try:
         parse_listen(text)
@@ -230,15 +230,15 @@ class Agent:
                  episode_log: Optional[EpisodeLog] = None, stuck_after_s: float = 60.0,
                  max_vms: int = 256, core_hooks: Iterable[str] = (),
                  confirmer=None, net_outage=None, pci_typer=None, state_file=None) -> None:
-        # confirmer: agent.confirm.VmmConfirmer (asks QEMU about suspected NEEDS_RESET) or None;
-        # pci_typer: agent.confirm.PciTyper (device types from query-pci, opt-in) or None
+        # confirmer: agent.vmm.confirm.VmmConfirmer (asks QEMU about suspected NEEDS_RESET) or None;
+        # pci_typer: agent.vmm.confirm.PciTyper (device types from query-pci, opt-in) or None
         self.confirmer = confirmer
         self.pci_typer = pci_typer
         # state_file: agent.state_file.StateFile (acquired) or None
         self.state_file = state_file
         self._saved_changes = -1
         self.restored: dict[str, int] = {"vms": 0, "devices": 0, "episodes": 0}
-        # net_outage: agent.net_outage.NetOutageTracker (virtio-net backends' drops) or None;
+        # net_outage: agent.net.outage.NetOutageTracker (virtio-net backends' drops) or None;
         # it runs on its own thread (NetOutageWorker), which also writes ended episodes' lines
         self.net_outage = net_outage
         self.net_worker = None
@@ -264,7 +264,7 @@ class Agent:
             if net_outage is not None else None,
             extra_families_fn=net_outage.families if net_outage is not None else None)
         if net_outage is not None:
-            from agent.net_outage import NetOutageWorker
+            from agent.net.outage import NetOutageWorker
 
             self.net_worker = NetOutageWorker(net_outage, self._write_line)
 
@@ -501,7 +501,7 @@ class Agent:
             self._seen.pop(pid, None)
 
     def _confirmations(self) -> None:
-        """Apply the VMM's answers about suspected devices (agent.confirm)."""
+        """Apply the VMM's answers about suspected devices (agent.vmm.confirm)."""
         for v in self.confirmer.poll():
             try:
                 outputs = self.correlator.vmm_status(v.pid, v.device, v.ts_ns, v.needs_reset,
@@ -602,7 +602,7 @@ def build_agent(args: argparse.Namespace, episode_stream=None) -> Agent:
     """Capture (attached), correlator and the Agent loop for these args (needs root + BPF)."""
     from agent.capture import Capture
     from agent.correlate import Correlator, CorrelatorConfig
-    from agent.vmident import identify_vm
+    from agent.vmm.vmident import identify_vm
 
     hooks = enabled_hooks(args.hooks)
     correlator = Correlator(CorrelatorConfig(stuck_after_ns=int(args.stuck_after * 1e9),
@@ -623,12 +623,12 @@ def build_agent(args: argparse.Namespace, episode_stream=None) -> Agent:
             log.warning("hook %s not attached: %s", name, st.reason)
     confirmer = None
     if getattr(args, "vmm_probe", "on") == "on":
-        from agent.confirm import VmmConfirmer
+        from agent.vmm.confirm import VmmConfirmer
 
         confirmer = VmmConfirmer()
     pci_typer = None
     if getattr(args, "vmm_pci_types", "off") == "on":
-        from agent.confirm import PciTyper
+        from agent.vmm.confirm import PciTyper
 
         pci_typer = PciTyper()
     agent = Agent(capture, correlator, identify_vm, confirmer=confirmer, pci_typer=pci_typer,
@@ -657,13 +657,13 @@ def _state_file(args: argparse.Namespace):
 
 
 def _net_outage_tracker():
-    """agent.net_outage.NetOutageTracker, or None (logged) when pyroute2 is missing."""
+    """agent.net.outage.NetOutageTracker, or None (logged) when pyroute2 is missing."""
     try:
         import pyroute2  # noqa: F401
     except ImportError as exc:
         log.warning("virtio-net outage impact disabled: %s", exc)
         return None
-    from agent.net_outage import NetOutageTracker
+    from agent.net.outage import NetOutageTracker
 
     return NetOutageTracker()
 
@@ -694,7 +694,7 @@ class _DeferredCollector:
 def main(args: argparse.Namespace) -> int:
     from prometheus_client import CollectorRegistry
 
-    from agent.server import MetricsServer
+    from agent.export.server import MetricsServer
 
     setup_logging(args.log_format, args.log_level)
     if bool(args.tls_cert) != bool(args.tls_key):

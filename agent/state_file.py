@@ -15,7 +15,7 @@ import time
 from typing import Any, Optional
 
 from agent.model import VmIdentity
-from agent.vmident import start_time
+from agent.vmm.vmident import start_time
 
 log = logging.getLogger(__name__)
 # a state far larger than any this agent writes (~1 KiB per device, --max-devices 4096 by

@@ -129,7 +129,7 @@ def scrape_setup(n_devices: int):
     from prometheus_client import CollectorRegistry
 
     from agent.correlate import Correlator, CorrelatorConfig
-    from agent.metrics import AgentCollector, EpisodeHistograms, SelfStats
+    from agent.export.metrics import AgentCollector, EpisodeHistograms, SelfStats
 
     per_vm = 10
     # half the devices: a normal stream (episodes that ended, some VMs exited, a pid reused)

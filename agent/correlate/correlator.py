@@ -149,7 +149,7 @@ class Correlator:
     def annotate_device(self, pid: int, space: str, addr: int, type: str, bdf: str = "") -> bool:
         """Set the type (and, given its PCI address "0000:bb:dd.f", the name) of the device one
         of whose registers is (space, addr) in VM `pid`, e.g. from QEMU's query-pci
-        (agent.vmm_probe.device_at): a device found from its traffic, whose enumeration the
+        (agent.vmm.probe.device_at): a device found from its traffic, whose enumeration the
         agent did not see. False if no such device."""
         vm = self._vms.get(pid)
         known = vm.regs.get((space, addr)) if vm is not None else None

@@ -13,8 +13,8 @@ import pytest
 
 from agent.events import Op, ProcessExit, QueueNotify, RegisterAccess, Space, pcicfg_addr
 from agent.model import WatchEcam
-from agent.qmp import QmpClient
-from agent.vmm_probe import PciDevice, pci_map
+from agent.vmm.qmp import QmpClient
+from agent.vmm.probe import PciDevice, pci_map
 from lab.harness import GuestSpec, LabVM
 
 from capture_lab_support import capture_fixture

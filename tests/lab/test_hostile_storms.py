@@ -18,7 +18,7 @@ import time
 import pytest
 
 from agent.demo import AgentProcess, match_episodes
-from agent.metrics import DEVICE_TYPES, TRANSPORTS
+from agent.export.metrics import DEVICE_TYPES, TRANSPORTS
 
 ABS_TOL_S = 0.0005
 REL_TOL = 0.02

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.qmp import QmpClient
+from agent.vmm.qmp import QmpClient
 from lab.__main__ import main as lab_main
 from lab.harness import (
     GuestSpec, LabError, LabResult, LabVM, parse_serial, qemu_command,

@@ -125,8 +125,8 @@ def test_set_link_config_change_is_not_needs_reset(agent):
     whose link goes down and up three times, is never suspected, never opens an episode, and
     is never asked about. (The lab guest does not drive net0's queues, so the kernel-side
     progress logic is covered by tests/unit/test_correlate_suspect.py.)"""
-    from agent import qmp
-    from agent.vmm_probe import virtio_devices, virtio_status
+    from agent.vmm import qmp
+    from agent.vmm.probe import virtio_devices, virtio_status
     from lab.harness import GuestSpec, LabVM
 
     name = unique("setlink")

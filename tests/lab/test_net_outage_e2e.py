@@ -91,7 +91,7 @@ def link_up_and_fault(vm, ns_path: str) -> None:
     after printing their lines), and send the one frame that makes QEMU pop the broken RX ring."""
     from pyroute2 import netns as pr_netns
 
-    from agent.netbackend import open_iproute
+    from agent.net.backend import open_iproute
 
     with open_iproute(ns_path) as ipr:
         ipr.link("set", index=ipr.link_lookup(ifname=TAP)[0], state="up")
@@ -106,7 +106,7 @@ def test_agent_reports_the_frames_the_tap_dropped_during_a_virtio_net_outage(
         netns, agent, tmp_path, monkeypatch):
     from pyroute2 import netns as pr_netns
 
-    from agent.netbackend import TapMap, open_iproute
+    from agent.net.backend import TapMap, open_iproute
     from lab.harness import GuestSpec, LabVM
 
     ns, ns_path = netns
@@ -267,7 +267,7 @@ def test_a_macvtap_passed_by_fd_is_attributed_over_qmp_and_its_drops_reported(
     a full queue counts the drop in rx_dropped (= rx_errors)."""
     from pyroute2 import netns as pr_netns
 
-    from agent.netbackend import open_iproute
+    from agent.net.backend import open_iproute
     from lab.harness import GuestSpec, LabVM
 
     ns, ns_path = netns

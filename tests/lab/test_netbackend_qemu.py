@@ -1,4 +1,4 @@
-"""agent.netbackend / agent.netlink_watch against a real QEMU with a real virtio-net backend.
+"""agent.net.backend / agent.net.netlink_watch against a real QEMU with a real virtio-net backend.
 
 Everything happens in a network namespace created (and removed) by the fixtures; frames are
 raw Ethernet frames injected into that namespace's own interfaces, never routed anywhere.
@@ -17,8 +17,8 @@ import uuid
 
 import pytest
 
-from agent.netbackend import LinkStatsReader, TapMap, diff, read_links
-from agent.netlink_watch import LinkAction, LinkWatcher
+from agent.net.backend import LinkStatsReader, TapMap, diff, read_links
+from agent.net.netlink_watch import LinkAction, LinkWatcher
 
 pytestmark = pytest.mark.kvm
 
@@ -130,7 +130,7 @@ def frame_to(dst_mac: str, src_mac: str = "02:00:00:00:00:01", size: int = 200) 
 
 
 def set_up(ns_path: str, *ifnames: str) -> None:
-    from agent.netbackend import open_iproute
+    from agent.net.backend import open_iproute
 
     with open_iproute(ns_path) as ipr:
         for name in ifnames:
@@ -211,7 +211,7 @@ def test_frames_toward_a_guest_without_driver_are_dropped_at_the_tap(netns, qemu
 
 def make_macvtap(ns: str, ns_path: str, name: str, lower: str, peer: str):
     """A macvtap on a veth pair in the namespace: (ifindex, MAC, its /dev/tapN node)."""
-    from agent.netbackend import open_iproute
+    from agent.net.backend import open_iproute
 
     with open_iproute(ns_path) as ipr:
         ipr.link("add", ifname=lower, kind="veth", peer=peer)
@@ -271,7 +271,7 @@ def test_macvtap_backend_held_by_fd_is_mapped_and_its_drops_counted(netns, qemus
 
 
 def test_outage_meter_over_episodes_including_a_vm_that_exits(netns, qemus, tmp_path):
-    from agent.netbackend import OutageMeter
+    from agent.net.backend import OutageMeter
 
     ns, ns_path = netns
     tap = "vratap2"
@@ -311,7 +311,7 @@ def test_outage_meter_over_episodes_including_a_vm_that_exits(netns, qemus, tmp_
 
 
 def test_link_watcher_reports_every_event_but_keeps_a_bounded_table(netns):
-    from agent.netbackend import open_iproute
+    from agent.net.backend import open_iproute
 
     ns, ns_path = netns
     with LinkWatcher(ns_path, max_links=2, max_events=3) as watcher:
@@ -334,8 +334,8 @@ def test_link_watcher_reports_every_event_but_keeps_a_bounded_table(netns):
 
 
 def test_each_virtio_net_device_is_mapped_to_its_own_backend_over_qmp(netns, qemus, tmp_path):
-    from agent import qmp
-    from agent.netbackend import nic_backends, parse_info_network
+    from agent.vmm import qmp
+    from agent.net.backend import nic_backends, parse_info_network
 
     ns, ns_path = netns
     mvt, _mac, node = make_macvtap(ns, ns_path, "vramvt1", "vralow1", "vrapeer1")
@@ -380,7 +380,7 @@ def test_each_virtio_net_device_is_mapped_to_its_own_backend_over_qmp(netns, qem
 
 
 def test_link_watcher_recovers_from_a_socket_overrun(netns):
-    from agent.netbackend import open_iproute
+    from agent.net.backend import open_iproute
 
     ns, ns_path = netns
     # the smallest receive buffer the kernel allows: a burst of link events overruns it

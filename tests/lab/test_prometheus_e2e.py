@@ -19,7 +19,7 @@ import time
 import pytest
 
 from agent.demo import AgentProcess, format_table, match_episodes
-from agent.metrics import BUCKETS
+from agent.export.metrics import BUCKETS
 from tests.promlab import PromLab
 
 # agent vs guest recovery time: the host sees the same accesses the guest timed, so they agree

@@ -21,9 +21,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from agent import qmp  # noqa: E402
+from agent.vmm import qmp  # noqa: E402
 from agent.events import Space  # noqa: E402
-from agent.vmm_probe import device_at, probe, virtio_devices, virtio_status  # noqa: E402
+from agent.vmm.probe import device_at, probe, virtio_devices, virtio_status  # noqa: E402
 from lab.harness import GuestSpec, LabVM, parse_line  # noqa: E402
 
 DRIVER_OK_STATUS = 0x0f     # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK, as the guest writes

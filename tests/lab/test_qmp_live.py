@@ -1,4 +1,4 @@
-"""agent.qmp and agent.vmm_probe against a real QEMU (no guest kernel: SeaBIOS programs the BARs).
+"""agent.vmm.qmp and agent.vmm.probe against a real QEMU (no guest kernel: SeaBIOS programs the BARs).
 
 qboot is not used here: it leaves PCI BARs unprogrammed (query-pci reports address -1), SeaBIOS
 programs them within ~0.3 s. The virtio-net device gets romfile= (no iPXE ROM): with the ROM,
@@ -24,9 +24,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from agent import qmp  # noqa: E402
+from agent.vmm import qmp  # noqa: E402
 from agent.events import Space  # noqa: E402
-from agent.vmm_probe import (  # noqa: E402
+from agent.vmm.probe import (  # noqa: E402
     device_at, pci_device_for, pci_map, probe, virtio_devices, virtio_status,
 )
 

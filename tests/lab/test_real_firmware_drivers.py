@@ -98,12 +98,12 @@ class Qemu:
         self.paths: dict[str, str] = {}      # qdev id -> x-query-virtio path
 
     def session(self):
-        from agent.qmp import QmpClient
+        from agent.vmm.qmp import QmpClient
 
         return QmpClient.connect(self.sock, timeout=5.0, budget_s=15.0)
 
     def poll(self, seen: Seen) -> None:
-        from agent.vmm_probe import virtio_devices, virtio_status
+        from agent.vmm.probe import virtio_devices, virtio_status
 
         with self.session() as c:
             if not self.paths:
@@ -113,7 +113,7 @@ class Qemu:
             seen.runstate = c.execute("query-status")["status"]
 
     def pci(self):
-        from agent.vmm_probe import pci_map
+        from agent.vmm.probe import pci_map
 
         with self.session() as c:
             return pci_map(c)

@@ -1,4 +1,4 @@
-"""agent.confirm against a fake QEMU (a unix-socket QMP server answering from the replies recorded
+"""agent.vmm.confirm against a fake QEMU (a unix-socket QMP server answering from the replies recorded
 from QEMU 7.2, tests/unit/fixtures/qmp): the probe's time and work bounds, which socket is used,
 virtio-mmio matching, and answers for VMs that exited while their query ran."""
 from __future__ import annotations
@@ -13,13 +13,13 @@ from typing import Callable, Optional
 
 import pytest
 
-from agent import qmp
-from agent.confirm import (
+from agent.vmm import qmp
+from agent.vmm.confirm import (
     _device_space_addr,
     PciTyper, VmmConfirmer, match, qmp_socket_for, qmp_socket_for_pid, qmp_socket_path,
 )
 from agent.model import NeedsResetSuspected, VmIdentity
-from agent.vmm_probe import (
+from agent.vmm.probe import (
     MAX_PROBED_DEVICES, ProbedDevice, VirtioDevice, VmProbe, parse_pci, parse_virtio_status,
     probe, virtio_at,
 )

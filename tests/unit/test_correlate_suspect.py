@@ -1,5 +1,5 @@
 """NEEDS_RESET that the guest never reads: suspicion from kernel evidence, VMM confirmation,
-and retention of exited VMs' devices (agent/correlate, agent/confirm)."""
+and retention of exited VMs' devices (agent/correlate, agent/vmm/confirm)."""
 from __future__ import annotations
 
 import json
@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 
 from agent import events as E
-from agent.confirm import match
+from agent.vmm.confirm import match
 from agent.correlate import Correlator, CorrelatorConfig
 from agent.model import (
     EpisodeEnded, EpisodeStuck, Evidence, NeedsResetSuspected, Outcome, WatchInterrupt,
 )
-from agent.vmm_probe import ProbedDevice, VmProbe, parse_pci, parse_virtio_status, VirtioDevice
+from agent.vmm.probe import ProbedDevice, VmProbe, parse_pci, parse_virtio_status, VirtioDevice
 from pciguest import Function, Guest as PciGuest
 
 MS = 1_000_000
@@ -333,7 +333,7 @@ def _wait_verdicts(confirmer, n: int, timeout_s: float = 5.0):
 
 
 def test_confirmer_asks_once_per_vm_interval_and_answers_waiting_devices():
-    from agent.confirm import VmmConfirmer
+    from agent.vmm.confirm import VmmConfirmer
 
     clock = [0.0]
     probes = []
@@ -360,8 +360,8 @@ def test_confirmer_asks_once_per_vm_interval_and_answers_waiting_devices():
 
 
 def test_confirmer_without_a_socket_or_with_a_failing_monitor_counts_and_moves_on():
-    from agent.confirm import VmmConfirmer
-    from agent.qmp import QmpTimeout
+    from agent.vmm.confirm import VmmConfirmer
+    from agent.vmm.qmp import QmpTimeout
 
     c = VmmConfirmer(socket_for=lambda vm: None, probe_fn=lambda p, t: lab_probe())
     c.submit(_suspicion())
@@ -382,7 +382,7 @@ def test_confirmer_without_a_socket_or_with_a_failing_monitor_counts_and_moves_o
 
 
 def test_confirmer_forgets_an_exited_vm():
-    from agent.confirm import VmmConfirmer
+    from agent.vmm.confirm import VmmConfirmer
 
     c = VmmConfirmer(interval_s=10, socket_for=lambda vm: "/x", probe_fn=lambda p, t: lab_probe())
     c.submit(_suspicion())

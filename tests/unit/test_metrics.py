@@ -12,7 +12,7 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import BUCKETS, AgentCollector, BuildInfo, EpisodeHistograms, SelfStats
+from agent.export.metrics import BUCKETS, AgentCollector, BuildInfo, EpisodeHistograms, SelfStats
 from agent.model import (
     PHASES, DeviceView, Episode, EpisodeEnded, EpisodeStuck, Evidence, Outcome, Rule, Snapshot,
     Transport, VmIdentity,
@@ -134,7 +134,7 @@ def test_every_documented_metric_is_exported():
     h.observe(EpisodeEnded(recovered()))
     stats = SelfStats(hooks={"mmio": True}, prog_run_time_ns={"p": 1}, prog_run_count={"p": 1},
                       map_entries={"watch": 1}, map_capacity={"watch": 4096})
-    from agent.net_outage import NetOutageTracker   # the run loop's virtio-net families
+    from agent.net.outage import NetOutageTracker   # the run loop's virtio-net families
 
     text = scrape(AgentCollector(make_snapshot, h, lambda: stats, build_info=BUILD,
                                  extra_families_fn=NetOutageTracker().families))["text"]

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from agent.episode_log import EpisodeLog, read_records, record_for
+from agent.export.episode_log import EpisodeLog, read_records, record_for
 from agent.model import Episode, EpisodeEnded, EpisodeStuck, Evidence, Outcome, Transport, Violation
 from tests.unit.test_metrics import S, VM_A, recovered
 

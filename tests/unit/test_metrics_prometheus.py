@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.metrics import AgentCollector, BuildInfo, EpisodeHistograms
+from agent.export.metrics import AgentCollector, BuildInfo, EpisodeHistograms
 from agent.model import EpisodeEnded, Outcome, Transport
-from agent.server import MetricsServer
+from agent.export.server import MetricsServer
 from tests.promlab import PromLab
 from tests.unit.test_metrics import make_snapshot, recovered
 

@@ -1,4 +1,4 @@
-"""agent.net_outage: the attribution rule, command-line reading, and the tracker's bookkeeping
+"""agent.net.outage: the attribution rule, command-line reading, and the tracker's bookkeeping
 (episodes seen in snapshots, unmeasured reasons, log records, metric families)."""
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from agent.episode_log import EpisodeLog
-from agent.metrics import AgentCollector, EpisodeHistograms
+from agent.export.episode_log import EpisodeLog
+from agent.export.metrics import AgentCollector, EpisodeHistograms
 from agent.model import DeviceView, Episode, EpisodeEnded, Outcome, Snapshot, VmIdentity
-from agent.net_outage import (
+from agent.net.outage import (
     How, NetOutageTracker, UNMEASURED_REASONS, declared_network, read_cmdline, single_tap_rule,
 )
-from agent.netbackend import TapBackend
+from agent.net.backend import TapBackend
 
 TAP = TapBackend("tap0", 7, "tap", 23, "/dev/net/tun")
 ARGV = ["qemu-system-x86_64", "-name", "vm1", "-netdev", "tap,id=n0,ifname=tap0",
@@ -183,7 +183,7 @@ class BlockingTracker:
 
 
 def test_the_worker_keeps_the_loop_free_and_writes_lines_in_order():
-    from agent.net_outage import NetOutageWorker
+    from agent.net.outage import NetOutageWorker
 
     t, lines = BlockingTracker(), []
     w = NetOutageWorker(t, lambda out, net: lines.append((out.episode.device, net)))
@@ -203,7 +203,7 @@ def test_the_worker_keeps_the_loop_free_and_writes_lines_in_order():
 
 
 def test_the_worker_never_loses_a_line_when_full_or_stuck():
-    from agent.net_outage import NetOutageWorker
+    from agent.net.outage import NetOutageWorker
 
     t, lines = BlockingTracker(), []
     w = NetOutageWorker(t, lambda out, net: lines.append((out.episode.device, net)), max_jobs=2)
@@ -237,7 +237,7 @@ class FakeMeter:
         return len(ifnames)
 
     def end(self, key):
-        from agent.netbackend import OutageImpact
+        from agent.net.backend import OutageImpact
 
         names = self.open.pop(key)
         self.gone += self.lose
@@ -259,7 +259,7 @@ class FakeResolver:
         self.ifnames = ["vnet0"]
 
     def resolve(self, pid, device, dev_type, vm_devices, vm_net_devices):
-        from agent.net_outage import Attribution
+        from agent.net.outage import Attribution
 
         return Attribution(frozenset(self.ifnames), How.QMP), ""
 

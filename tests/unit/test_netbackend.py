@@ -1,4 +1,4 @@
-"""agent.netbackend on fixture /proc trees and hand-made snapshots (no root, no netlink)."""
+"""agent.net.backend on fixture /proc trees and hand-made snapshots (no root, no netlink)."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from agent.netbackend import (
+from agent.net.backend import (
     LinkInfo,
     LinkStats,
     LinkTable,
@@ -230,7 +230,7 @@ netC: index=0,type=nic,model=virtio-net-pci,macaddr=52:54:00:12:34:58
 
 
 def test_parse_info_network():
-    from agent.netbackend import Netdev, parse_info_network
+    from agent.net.backend import Netdev, parse_info_network
 
     assert parse_info_network(INFO_NETWORK) == {
         "hn0": Netdev("hn0", "tap", "vratapA", ()),
@@ -243,7 +243,7 @@ def test_parse_info_network():
 
 
 def test_nic_backend_selects_its_taps_by_name_or_by_fd():
-    from agent.netbackend import NicBackend, TapBackend, parse_info_network
+    from agent.net.backend import NicBackend, TapBackend, parse_info_network
 
     nd = parse_info_network(INFO_NETWORK)
     taps = [TapBackend("vratapA", 5, "tap", 9, "/dev/net/tun"),

@@ -1,12 +1,12 @@
-"""agent.netlink_watch in the test's own network namespace (no root needed: dump + subscribe)."""
+"""agent.net.netlink_watch in the test's own network namespace (no root needed: dump + subscribe)."""
 from __future__ import annotations
 
 import select
 
 import pytest
 
-from agent.netbackend import read_links
-from agent.netlink_watch import LinkWatcher
+from agent.net.backend import read_links
+from agent.net.netlink_watch import LinkWatcher
 
 
 def test_watcher_knows_the_current_links_and_never_blocks():

@@ -1,4 +1,4 @@
-"""agent.qmp protocol handling, against a unix-socket peer that replays QEMU's recorded lines
+"""agent.vmm.qmp protocol handling, against a unix-socket peer that replays QEMU's recorded lines
 (tests/unit/fixtures/qmp, captured from QEMU 7.2 by tests/lab/test_qmp_live.py), and the
 command-line socket discovery. The same client runs against real QEMU in tests/lab/test_qmp_live.py."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import pytest
 
-from agent import qmp
+from agent.vmm import qmp
 
 FIXTURES = Path(__file__).parent / "fixtures" / "qmp"
 

@@ -1,4 +1,4 @@
-"""agent.vmm_probe parse functions on QMP replies recorded from real QEMU 7.2
+"""agent.vmm.probe parse functions on QMP replies recorded from real QEMU 7.2
 (tests/unit/fixtures/qmp/CAPTURED*.md have the command lines), and the rate limiter."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from agent.events import DEVICE_NEEDS_RESET, Space
-from agent.vmm_probe import (
+from agent.vmm.probe import (
     MAX_BRIDGE_DEPTH, STATUS_BITS, ProbeFormatError, QueryRateLimiter, VirtioDevice, device_at,
     parse_pci, parse_status_byte, parse_virtio_list, parse_virtio_status, pci_device_for,
     virtio_at, virtio_id_from_pci, virtio_type_name,

@@ -191,7 +191,7 @@ def scripted_agent(stuck_after_s=60.0):
     import time
 
     from agent.correlate import Correlator, CorrelatorConfig
-    from agent.episode_log import EpisodeLog
+    from agent.export.episode_log import EpisodeLog
     from tests.unit.test_correlate_guestscript import Script
 
     s = Script(t0=time.monotonic_ns())
@@ -209,7 +209,7 @@ def scripted_agent(stuck_after_s=60.0):
 def test_loop_correlates_logs_and_survives_a_bad_event():
     import dataclasses
 
-    from agent.episode_log import read_records
+    from agent.export.episode_log import read_records
     from agent.events import RegisterAccess, VmStarted
 
     s, dev, stream, correlator, episode_log = scripted_agent()

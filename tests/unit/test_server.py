@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import AgentCollector, BuildInfo, EpisodeHistograms
-from agent.server import ListenAddressError, MetricsServer, parse_listen
+from agent.export.metrics import AgentCollector, BuildInfo, EpisodeHistograms
+from agent.export.server import ListenAddressError, MetricsServer, parse_listen
 
 
 def registry() -> CollectorRegistry:

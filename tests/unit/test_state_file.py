@@ -102,7 +102,7 @@ class Scripted:
     def agent(self, events, stream):
         """An agent on the state file (restored from it) whose capture yields `events`."""
         from agent.correlate import Correlator
-        from agent.episode_log import EpisodeLog
+        from agent.export.episode_log import EpisodeLog
         from tests.unit.test_run_cli import ScriptedSource
 
         sf = StateFile(self.path, proc_root=str(self.proc))
@@ -117,7 +117,7 @@ class Scripted:
 def test_the_loop_hands_an_open_episode_to_the_next_agent(tmp_path):
     """Agent 1 sees the NEEDS_RESET and stops (save_state, as at SIGTERM); agent 2 starts from
     the file and sees the recovery: one `recovered` line, with agent 1's start."""
-    from agent.episode_log import read_records
+    from agent.export.episode_log import read_records
 
     sc = Scripted(tmp_path)
     dev, truth, path = sc.dev, sc.truth, sc.path
@@ -174,7 +174,7 @@ def _killed_agent(tmp_path, cut: str):
 
 
 def test_an_episode_logged_before_a_kill_is_not_reported_again(tmp_path):
-    from agent.episode_log import read_records
+    from agent.export.episode_log import read_records
 
     sc, log1 = _killed_agent(tmp_path, "recovered")
     (rec,) = read_records(log1.getvalue().splitlines())
@@ -193,7 +193,7 @@ def test_a_restored_vm_that_exits_before_any_event_ends_its_episode(tmp_path):
     found gone in /proc."""
     import shutil
 
-    from agent.episode_log import read_records
+    from agent.export.episode_log import read_records
 
     sc, log1 = _killed_agent(tmp_path, "needs_reset")
     assert read_records(log1.getvalue().splitlines()) == []
@@ -236,7 +236,7 @@ def test_hostile_state_files_are_ignored(tmp_path, caplog):
 def test_episodes_ended_at_the_restore_are_saved_ended_before_their_lines(tmp_path):
     import shutil
 
-    from agent.episode_log import read_records
+    from agent.export.episode_log import read_records
 
     sc, _ = _killed_agent(tmp_path, "needs_reset")
     shutil.rmtree(sc.proc / "4242")        # the VM exited while no agent ran

@@ -1,11 +1,11 @@
-"""agent.vmident on /proc trees built in tmp dirs."""
+"""agent.vmm.vmident on /proc trees built in tmp dirs."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from agent.vmident import ProcessGone, qemu_opts, read_vm, start_time, vm_started
+from agent.vmm.vmident import ProcessGone, qemu_opts, read_vm, start_time, vm_started
 
 SECRET = "hunter2-s3cret"
 
@@ -139,7 +139,7 @@ def test_a_real_qemu_process(kvm, tmp_path):
 def test_identify_vm_for_run(tmp_path):
     import time
 
-    from agent.vmident import identify_vm
+    from agent.vmm.vmident import identify_vm
 
     root = fake_proc(tmp_path, 17, ["firecracker", "--id", "fc1"])
     before = time.monotonic_ns()

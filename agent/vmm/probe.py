@@ -1,4 +1,4 @@
-"""What QEMU itself says about its virtio devices, over QMP (agent.qmp). See docs/qmp.md.
+"""What QEMU itself says about its virtio devices, over QMP (agent.vmm.qmp). See docs/qmp.md.
 
 - `virtio_devices(client)`: x-query-virtio -> the virtio devices and their QOM paths;
 - `virtio_status(client, path)`: x-query-virtio-status -> status byte and `broken` (QEMU >= 7.2);
@@ -24,7 +24,7 @@ from typing import Any, Callable, Hashable, Iterable, Optional, Protocol
 from agent.events import (
     ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FAILED, FEATURES_OK, Space,
 )
-from agent.qmp import DEFAULT_SESSION_S, DEFAULT_TIMEOUT, QmpClient, QmpVersion, short_repr
+from agent.vmm.qmp import DEFAULT_SESSION_S, DEFAULT_TIMEOUT, QmpClient, QmpVersion, short_repr
 
 VIRTIO_PCI_VENDOR = 0x1af4
 MODERN_PCI_BASE = 0x1040          # modern device id = 0x1040 + virtio device id
@@ -403,7 +403,7 @@ def probe(path: str, timeout: float = DEFAULT_TIMEOUT, *,
     returning. `targets` ((space, addr) pairs, see `virtio_at`): query the status of the devices
     at those addresses only; None: of every device. Either way at most `max_devices` statuses,
     and the whole session within `budget_s` (QmpDeadline otherwise).
-    Raises agent.qmp.QmpError (QmpCommandError "CommandNotFound" before QEMU 7.2)."""
+    Raises agent.vmm.qmp.QmpError (QmpCommandError "CommandNotFound" before QEMU 7.2)."""
     with QmpClient.connect(path, timeout, budget_s=budget_s) as client:
         pci = pci_map(client)
         listed = tuple(virtio_devices(client))

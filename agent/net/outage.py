@@ -1,7 +1,7 @@
 """The network cost of each virtio-net NEEDS_RESET episode, for the run loop.
 
 When an episode of a (possibly) virtio-net device opens, `NetOutageTracker.start` finds the
-device's host backend interface(s) and snapshots their link counters (agent.netbackend
+device's host backend interface(s) and snapshots their link counters (agent.net.backend
 OutageMeter); when the episode ends, `end` takes the difference and records it for the
 metrics and the episode log. Which backend belongs to which device (docs/network.md,
 "Attribution"):
@@ -31,11 +31,11 @@ from prometheus_client.core import (
     CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric,
 )
 
-from agent.metrics import FixedHistogram
+from agent.export.metrics import FixedHistogram
 from agent.model import Episode, Snapshot
-from agent.netbackend import OutageImpact, OutageMeter, TapBackend, TapMap
+from agent.net.backend import OutageImpact, OutageMeter, TapBackend, TapMap
 
-log = logging.getLogger("agent.net_outage")
+log = logging.getLogger("agent.net.outage")
 
 # per-episode dropped frames (summed over the device's backend interfaces)
 DROPPED_BUCKETS: tuple[float, ...] = (0, 1, 10, 100, 1000, 10_000, 100_000, 1_000_000)
@@ -109,9 +109,9 @@ def single_tap_rule(dev_type: str, vm_devices: int, vm_net_devices: int,
 def qmp_attribution(client, device: str, dev_type: str,
                     taps: list[TapBackend]) -> tuple[Optional[Attribution], str]:
     """(attribution, "") or (None, reason) with reason "not_net", "no_backend" or "unmatched"."""
-    from agent.netbackend import nic_backends
+    from agent.net.backend import nic_backends
     from agent.events import Space
-    from agent.vmm_probe import VirtioDevice, device_at, pci_map
+    from agent.vmm.probe import VirtioDevice, device_at, pci_map
 
     nics = nic_backends(client)
     nic = None
@@ -160,7 +160,7 @@ class BackendResolver:
         self.qmp_errors = 0
 
     def _qmp_client(self, pid: int, argv: list[str]):
-        from agent.qmp import QmpClient, qmp_sockets_from_cmdline, reachable_path
+        from agent.vmm.qmp import QmpClient, qmp_sockets_from_cmdline, reachable_path
 
         socks = [s for s in qmp_sockets_from_cmdline(argv) if not s.abstract]
         if not socks:

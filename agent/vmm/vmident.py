@@ -14,7 +14,7 @@ Names, by VMM:
 - Cloud Hypervisor: no name flag; the directory of `--api-socket` (Kata: /run/vc/vm/<id>/...) or
   the socket file name.
 - otherwise `pid-<pid>`.
-A QEMU's QMP socket is found by agent.qmp.qmp_sockets_from_cmdline (agent.confirm), not here.
+A QEMU's QMP socket is found by agent.vmm.qmp.qmp_sockets_from_cmdline (agent.vmm.confirm), not here.
 """
 from __future__ import annotations
 

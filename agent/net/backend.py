@@ -451,8 +451,8 @@ class NicBackend:
 
 
 def nic_backends(client) -> list[NicBackend]:
-    """Backends of every virtio-net device of the VM behind `client` (agent.qmp.QmpClient)."""
-    from agent.vmm_probe import virtio_devices
+    """Backends of every virtio-net device of the VM behind `client` (agent.vmm.qmp.QmpClient)."""
+    from agent.vmm.probe import virtio_devices
 
     netdevs = parse_info_network(
         client.execute("human-monitor-command", {"command-line": "info network"}))

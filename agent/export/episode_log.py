@@ -50,7 +50,7 @@ class EpisodeLog:
         self.written = 0
 
     def write(self, output: object, net: Optional[dict[str, Any]] = None) -> bool:
-        """`net`: the network impact of a virtio-net episode (agent.net_outage), logged as the
+        """`net`: the network impact of a virtio-net episode (agent.net.outage), logged as the
         record's `net` object."""
         rec = record_for(output)
         if rec is None:

@@ -42,7 +42,7 @@ FILTER_REASONS = ("repeat", "unwatched", "uninteresting_irq", "rate_limited", "u
 LOST_REASONS = ("ringbuf_full", "decode_error", "candidate_map_full", "watch_map_full",
                 "kernel_read_error", "user_read_error", "correlation_error", "poll_error")
 ENDED_OUTCOMES = (Outcome.RECOVERED, Outcome.ABANDONED)
-# QMP confirmation of suspected NEEDS_RESET (agent/confirm.py)
+# QMP confirmation of suspected NEEDS_RESET (agent/vmm/confirm.py)
 VMM_QUERY_RESULTS = ("needs_reset", "clear", "unmatched", "error", "pci_map", "pci_map_error")
 VMM_SKIP_REASONS = ("no_socket", "rate_limited", "overflow")
 
@@ -190,7 +190,7 @@ class AgentCollector(Collector):
                  ifname_fn: Optional[Callable[[VmIdentity, str], str]] = None,
                  extra_families_fn: Optional[Callable[[], list[Metric]]] = None) -> None:
         # ifname_fn(vm, device): the device's host network interface ("" if none known);
-        # extra_families_fn: more families built per scrape (agent.net_outage)
+        # extra_families_fn: more families built per scrape (agent.net.outage)
         self._ifname_fn = ifname_fn
         self._extra_families_fn = extra_families_fn
         self._snapshot_fn = snapshot_fn

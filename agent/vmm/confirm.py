@@ -11,9 +11,9 @@ the VMM, off the event loop:
   overall session limit (`budget_s`), asking the status only of the devices at the suspected
   addresses (at most vmm_probe.MAX_PROBED_DEVICES), so a busy, slow or hostile monitor never
   blocks the event loop and holds the worker for at most `budget_s`;
-- the socket comes from the VMM's command line (`agent.qmp.qmp_sockets_from_cmdline`: server
+- the socket comes from the VMM's command line (`agent.vmm.qmp.qmp_sockets_from_cmdline`: server
   mode unix sockets only, never libvirt's own monitor, no abstract sockets), reached through
-  /proc/PID/root (`agent.qmp.reachable_path`). No socket: nothing is asked, the verdict stays
+  /proc/PID/root (`agent.vmm.qmp.reachable_path`). No socket: nothing is asked, the verdict stays
   "suspected".
 - answers for a VM forgotten (`forget_pid`) while its probe ran are thrown away.
 
@@ -59,7 +59,7 @@ class Verdict:
 def _device_space_addr(device: str) -> Optional[tuple[str, int]]:
     """Correlation's device id -> what vmm_probe.virtio_at takes: "pci-0000:bb:dd.f" ->
     (PCI_FUNCTION, bus << 8 | dev << 3 | fn); "mmio-0x<base>" / "pio-0x<base>" -> (space, base)."""
-    from agent.vmm_probe import PCI_FUNCTION
+    from agent.vmm.probe import PCI_FUNCTION
 
     if device.startswith("pci-0000:"):
         try:
@@ -87,7 +87,7 @@ def match(probe, device: str):
     qdev id names the virtio device. An MMIO address in no PCI BAR (virtio-mmio: QMP has no
     memory map): the VM's only non-PCI virtio device, if it has exactly one, whatever its status
     (`vmm_probe.virtio_at`). None if that device's status was not queried."""
-    from agent.vmm_probe import virtio_at
+    from agent.vmm.probe import virtio_at
 
     where = _device_space_addr(device)
     if where is None:
@@ -102,12 +102,12 @@ def qmp_socket_path(pid: int, proc_root: str = "/proc",
                     start_time: Optional[int] = None) -> Optional[str]:
     """A reachable QMP socket of process `pid`, from its command line, or None.
 
-    Only what `agent.qmp.qmp_sockets_from_cmdline` accepts (unix sockets in server mode, never
+    Only what `agent.vmm.qmp.qmp_sockets_from_cmdline` accepts (unix sockets in server mode, never
     libvirt's `charmonitor`); abstract sockets are skipped (they live in QEMU's network
     namespace). With `start_time`, None unless the process still has that start time (a reused
     pid is never asked); the command line is read first, so it belongs to that process."""
-    from agent.qmp import qmp_sockets_from_cmdline, reachable_path
-    from agent.vmident import start_time as stat_start_time
+    from agent.vmm.qmp import qmp_sockets_from_cmdline, reachable_path
+    from agent.vmm.vmident import start_time as stat_start_time
 
     base = os.path.join(proc_root, str(pid))
     try:
@@ -144,7 +144,7 @@ class VmmConfirmer:
                  probe_fn: Optional[Callable] = None,
                  clock_ns: Callable[[], int] = time.monotonic_ns,
                  budget_s: float = DEFAULT_BUDGET_S) -> None:
-        from agent.vmm_probe import QueryRateLimiter
+        from agent.vmm.probe import QueryRateLimiter
 
         self.limiter = QueryRateLimiter(interval_s, max_entries=MAX_PENDING_VMS * 4)
         self.timeout_s = timeout_s
@@ -252,8 +252,8 @@ class VmmConfirmer:
                                   identity.name)
 
     def _ask(self, identity: VmIdentity, devices: list[str]) -> list[Verdict]:
-        from agent.qmp import QmpError
-        from agent.vmm_probe import ProbeFormatError, probe as qmp_probe
+        from agent.vmm.qmp import QmpError
+        from agent.vmm.probe import ProbeFormatError, probe as qmp_probe
 
         targets = [w for w in map(_device_space_addr, devices) if w is not None]
         if not targets:     # no address QEMU's answer could be matched to: do not ask
@@ -314,7 +314,7 @@ class PciTyper:
                  socket_for: Callable[[int], Optional[str]] = qmp_socket_for_pid,
                  budget_s: float = DEFAULT_BUDGET_S,
                  connect: Optional[Callable] = None) -> None:
-        from agent.vmm_probe import QueryRateLimiter
+        from agent.vmm.probe import QueryRateLimiter
 
         self.limiter = QueryRateLimiter(interval_s, max_entries=MAX_PENDING_VMS * 4)
         self.timeout_s = timeout_s
@@ -333,7 +333,7 @@ class PciTyper:
         self.queries: collections.Counter = collections.Counter()
 
     def submit(self, pid: int, space: str, addr: int) -> None:
-        from agent.vmm_probe import device_at
+        from agent.vmm.probe import device_at
 
         with self._lock:
             known = self._maps.get(pid)
@@ -354,7 +354,7 @@ class PciTyper:
         self._dispatch(pid)
 
     def poll(self) -> list[TypeHint]:
-        from agent.vmm_probe import device_at
+        from agent.vmm.probe import device_at
 
         with self._lock:
             waiting = [p for p in self._pending if p not in self._inflight]
@@ -408,8 +408,8 @@ class PciTyper:
         self._jobs.put((pid, sorted(regs), token))
 
     def _work(self) -> None:
-        from agent.qmp import QmpClient, QmpError
-        from agent.vmm_probe import ProbeFormatError, device_at, pci_map
+        from agent.vmm.qmp import QmpClient, QmpError
+        from agent.vmm.probe import ProbeFormatError, device_at, pci_map
 
         connect = self._connect or QmpClient.connect
         while True:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
-from agent.netbackend import LinkInfo, link_info_from_msg, open_iproute
+from agent.net.backend import LinkInfo, link_info_from_msg, open_iproute
 
 
 class LinkAction:
