@@ -12,6 +12,7 @@ Everything is attached at once for the whole benchmark, so every guest exit runs
   capture      agent.capture.Capture in this process (every family but `ioctl`, as `run
                --hooks auto` on a host without vDPA), the device's status register watched,
                no userspace device model (no WatchEcam / WatchDeviceBars)
+  capture-tp   the same Capture on regular tracepoints (raw_tracepoints=False)
   nodisc       the same Capture with discovery_rate=0 and activity_rate=0 (no status
                candidates, no forwarding of unwatched kicks), status watched
   empty-raw2   a second empty raw program loaded LAST (runs after all the others on each exit:
@@ -47,7 +48,7 @@ from typing import Optional
 from bench.common import BPF_STATS, bpf_stats_enabled, machine, median
 
 CASES = ("outside", "watched-w", "watched-r", "recover")
-SUBJECTS = ("agent", "capture", "nodisc", "readval", "lookup", "ringbuf", "ringbuf-nowake")
+SUBJECTS = ("agent", "capture", "capture-tp", "nodisc", "readval", "lookup", "ringbuf", "ringbuf-nowake")
 DEFAULT_SUBJECTS = SUBJECTS
 # every family but `ioctl` (what `run --hooks auto` attaches on a host without vDPA)
 NO_IOCTL = ("mmio", "pio", "apic", "exit", "fast_mmio", "msi", "gsi")
@@ -246,6 +247,9 @@ class Bench:
                 self.agent.start()
             elif subj == "capture":
                 self.caps[subj] = Capture(hooks=NO_IOCTL)
+                self.caps[subj].start()
+            elif subj == "capture-tp":     # the same program on regular tracepoints
+                self.caps[subj] = Capture(hooks=NO_IOCTL, raw_tracepoints=False)
                 self.caps[subj].start()
             elif subj == "nodisc":
                 self.caps[subj] = Capture(hooks=NO_IOCTL, discovery_rate=0, activity_rate=0)

@@ -101,7 +101,10 @@
                                // VM's ECAM window here, before userspace's WatchEcam arrives
 #define CFG_DEVBAR_LO 13       // span of all VMs' virtio BAR windows (userspace, like the ECAM span)
 #define CFG_DEVBAR_HI 14
-#define CFG_N 15
+#define CFG_WATCH_LO 15        // span of all VMs' watched MMIO registers (userspace): an MMIO
+#define CFG_WATCH_HI 16        // access outside every span that no pattern matches is counted
+                               // unwatched before its value is read or a map looked up
+#define CFG_N 17
 
 // token buckets per VM (take_token; `buckets` keyed by VM and kind)
 #define B_DISCOVERY 0   // status-register candidates (CFG_DISCOVERY_*)
@@ -215,11 +218,26 @@ BPF_TABLE("lru_hash", struct reg_key, struct reg_state, cfg_state, CFG_ENTRIES);
 BPF_PERCPU_ARRAY(counters, u64, C_NCOUNTERS);
 BPF_ARRAY(config, u64, CFG_N);
 
-static __always_inline void count(int idx)
+static __always_inline u64 count(int idx)
 {
     u64 *c = counters.lookup(&idx);
-    if (c)
-        (*c)++;
+    if (!c)
+        return 0;
+    return ++*c;
+}
+
+// Records are submitted without waking the consumer, which drains the ring on its poll
+// timeout; only every WAKE_EVERY-th record of a CPU wakes it, so a burst cannot fill the ring
+// in between. A wake-up on a sparse record (the consumer has caught up, the default
+// adaptive notification) is an irq_work, a self-IPI: on a nested host that costs
+// microseconds, more than the whole program (docs/benchmarks.md §4).
+#ifndef WAKE_EVERY
+#define WAKE_EVERY 64
+#endif
+static __always_inline void ringbuf_commit(struct event *e)
+{
+    u64 n = count(C_FORWARDED);
+    events.ringbuf_submit(e, n % WAKE_EVERY ? BPF_RB_NO_WAKEUP : BPF_RB_FORCE_WAKEUP);
 }
 
 static __always_inline u64 cfg(int idx)
@@ -255,8 +273,7 @@ static __always_inline void submit(struct event *e)
 {
     u32 tgid = e->tgid;
     u8 one = 1;
-    events.ringbuf_submit(e, 0);
-    count(C_FORWARDED);
+    ringbuf_commit(e);
     if (!tracked.lookup(&tgid))
         tracked.update(&tgid, &one);
 }
@@ -660,13 +677,37 @@ static __always_inline int irq_interesting(u32 kind, u32 num)
     return 0;
 }
 
-static __always_inline void handle_mmio(u32 type, u32 len, u64 gpa, u64 val)
+// An MMIO access nothing can concern, decided from gpa and len before the value is read or a
+// map looked up: outside the watched, ECAM and device-BAR spans, and shaped neither like a kick
+// (2-byte write, 4-byte write at +0x50) nor like a status access (1 byte, 4 bytes at +0x70).
+// Keep in step with handle_access, is_candidate and handle_notify.
+static __always_inline int mmio_outside(u8 op, u32 len, u64 gpa)
 {
-    if (type == 0) {    // "unsatisfied-read": the completed read follows with the value
+    u32 low = gpa & 0x1ff;
+    if (len == 1 || (len == 4 && (low == 0x70 || (op == OP_WRITE && low == 0x50))))
+        return 0;
+    if (op == OP_WRITE && len == 2)
+        return 0;
+    if (gpa >= cfg(CFG_WATCH_LO) && gpa < cfg(CFG_WATCH_HI))
+        return 0;
+    if (gpa >= cfg(CFG_ECAM_LO) && gpa < cfg(CFG_ECAM_HI))
+        return 0;
+    return !(op == OP_WRITE && gpa >= cfg(CFG_DEVBAR_LO) && gpa < cfg(CFG_DEVBAR_HI));
+}
+
+// kvm_mmio's first steps; 1 if that was all: an "unsatisfied-read" (the completed read follows
+// with the value) or an access outside everything
+static __always_inline int mmio_done_early(u32 type, u32 len, u64 gpa)
+{
+    if (type == 0) {
         count(C_UNSATISFIED_READ);
-        return;
+        return 1;
     }
-    handle_access(SPACE_MMIO, type == 2 ? OP_WRITE : OP_READ, gpa, len, val);
+    if (mmio_outside(type == 2 ? OP_WRITE : OP_READ, len, gpa)) {
+        count(C_UNWATCHED);
+        return 1;
+    }
+    return 0;
 }
 
 // A queue kick (fast MMIO ioeventfd, or a virtio-mmio QueueNotify write). Kicks come as fast
@@ -863,8 +904,7 @@ static __always_inline void handle_exit(int group_dead)
     e->tgid = tgid;
     e->tid = (u32)bpf_get_current_pid_tgid();
     e->type = EV_EXIT;
-    events.ringbuf_submit(e, 0);
-    count(C_FORWARDED);
+    ringbuf_commit(e);
 }
 
 // read a 1/2/4/8-byte little-endian value the tracepoint passes by pointer
@@ -901,16 +941,20 @@ int rtp_kvm_mmio(struct bpf_raw_tracepoint_args *ctx)
     // TP_PROTO(int type, int len, u64 gpa, const void *val)
     u32 type = ctx->args[0];
     u32 len = ctx->args[1];
-    u64 val = 0;
-    if (type != 0)
-        val = read_sized((const void *)ctx->args[3], len);
-    handle_mmio(type, len, ctx->args[2], val);
+    u64 gpa = ctx->args[2];
+    if (mmio_done_early(type, len, gpa))
+        return 0;
+    handle_access(SPACE_MMIO, type == 2 ? OP_WRITE : OP_READ, gpa, len,
+                  read_sized((const void *)ctx->args[3], len));
     return 0;
 }
 #else
 TRACEPOINT_PROBE(kvm, kvm_mmio)
 {
-    handle_mmio(args->type, args->len, args->gpa, args->val);
+    u32 type = args->type;
+    if (mmio_done_early(type, args->len, args->gpa))
+        return 0;
+    handle_access(SPACE_MMIO, type == 2 ? OP_WRITE : OP_READ, args->gpa, args->len, args->val);
     return 0;
 }
 #endif

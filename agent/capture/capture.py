@@ -36,6 +36,8 @@ CFG_ECAM_HI = 11
 CFG_PCIEXBAR = 12
 CFG_DEVBAR_LO = 13
 CFG_DEVBAR_HI = 14
+CFG_WATCH_LO = 15
+CFG_WATCH_HI = 16
 # an ECAM window covers at most 256 buses of 32 devices of 8 functions of 4 KiB
 ECAM_MAX_SIZE = 1 << 28
 # activity bucket refill (per second per VM) when activity_rate=0 turned activity discovery off:
@@ -120,6 +122,7 @@ class Capture:
         self._watch_errors = 0
         # mirror of what we put in watch / irq_watch, per pid, to clean up on ProcessExit
         self._watched: dict[int, set] = {}
+        self._watch_span = (0, 0)       # CFG_WATCH_LO/HI as last written
         self._irqs: dict[int, set] = {}
         self._exited: list[int] = []
 
@@ -266,7 +269,7 @@ class Capture:
         self._batch.append(ev)
 
     def poll(self, timeout_ms: int = 100) -> list[Event]:
-        """Events available now (waiting up to timeout_ms for the first), sorted by ts."""
+        """Events of the last timeout_ms (less when a burst wakes it), sorted by ts."""
         if self.bpf is None:
             raise CaptureError("capture is not started (or failed to load): call start()")
         # watches of VMMs that exited are dropped one poll late, so that a caller can still
@@ -279,7 +282,10 @@ class Capture:
                 log.exception("forgetting the maps of exited VMM %s failed", pid)
         self._exited = []
         self._batch = []
+        # the kernel wakes this poll only every WAKE_EVERY records (bpf/capture.c): the rest is
+        # drained here, when the timeout ends the wait
         self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
         batch, self._batch = self._batch, []
         batch.sort(key=lambda e: e.ts_ns)
         self._delivered += len(batch)
@@ -325,6 +331,8 @@ class Capture:
         if cand is not None:
             for name in ("last", "repeats", "op", "valid"):
                 setattr(val.st, name, getattr(cand, name))
+        if req.space == Space.MMIO:
+            self._widen_watch_span(req.addr)   # before the insert: no access of it skips the lookup
         try:
             watch[key] = val
         except Exception as exc:
@@ -338,6 +346,20 @@ class Capture:
                 pass
         self._watched.setdefault(req.pid, set()).add(ident)
         return True
+
+    def _widen_watch_span(self, addr: int) -> None:
+        lo, hi = self._watch_span
+        if lo <= addr < hi:
+            return
+        self._set_watch_span(min(lo, addr) if hi else addr, max(hi, addr + 1))
+
+    def _set_watch_span(self, lo: int, hi: int) -> None:
+        """The kernel looks MMIO accesses up in `watch` only within [lo, hi) (or when another
+        span or an access pattern needs it: mmio_outside() in bpf/capture.c)."""
+        cfg = self.bpf[b"config"]
+        cfg[ctypes.c_int(CFG_WATCH_LO)] = ctypes.c_uint64(lo)
+        cfg[ctypes.c_int(CFG_WATCH_HI)] = ctypes.c_uint64(hi)
+        self._watch_span = (lo, hi)
 
     def register_state(self, pid: int, space: str, addr: int) -> Optional[RegisterState]:
         """What the kernel keeps for a watched register: last forwarded value and op, and
@@ -465,7 +487,11 @@ class Capture:
         return ok
 
     def _forget(self, pid: int) -> None:
-        for space, addr in self._watched.pop(pid, ()):
+        forgotten = self._watched.pop(pid, ())
+        mmio = [a for ws in self._watched.values() for sp, a in ws if sp == Space.MMIO]
+        if any(sp == Space.MMIO for sp, _ in forgotten):    # removals only shrink it here
+            self._set_watch_span(min(mmio, default=0), max(mmio, default=-1) + 1)
+        for space, addr in forgotten:
             try:
                 del self.bpf[b"watch"][self._reg_key(pid, space, addr)]
             except KeyError:
