@@ -4,7 +4,9 @@ Starts `virtio-recovery-agent run` as a subprocess (real BPF on this host's KVM)
 (lab/harness.py: a tiny virtio driver guest under QEMU) through DEVICE_NEEDS_RESET faults with
 different transports and recovery delays, plus one guest that never recovers (stuck, then
 abandoned when it exits), then prints selected metrics and one row per episode: what the agent
-measured from the host, and what the guest measured with its own TSC.
+measured from the host, and what the guest measured with its own TSC. Each VM starts paused
+(-S) until QEMU was asked for its devices (query-pci): every device's `device` and `type` labels
+must be QEMU's (the agent saw every enumeration); a mismatch makes the demo exit 1.
 
 Needs root, /dev/kvm, QEMU and BCC (`make demo` runs scripts/setup-host first).
 """
@@ -249,20 +251,111 @@ def format_table(rows: list[Row]) -> str:
                                for i, (c, w) in enumerate(zip(row, widths))) for row in lines)
 
 
+# --- device names and types against QEMU's -------------------------------------------------------
+
+@dataclass
+class DeviceCheck:
+    vm: str
+    device: str                    # the agent's label, or QEMU's name of a device it lacks
+    agent_type: Optional[str]      # None: the agent does not export the device
+    qemu_type: Optional[str]       # None: QEMU has no such virtio device
+    verdict: str                   # ok | unchecked (virtio-mmio type unknown) | MISMATCH
+
+    @property
+    def mismatch(self) -> bool:
+        return self.verdict == "MISMATCH"
+
+
+def qemu_virtio_devices(qmp_path: Path, timeout_s: float = 30.0) -> dict[str, str]:
+    """Ask a VM started with -S (paused before its first instruction) for its virtio devices,
+    then let it run: PCI address (`pci-0000:bb:dd.f`, query-pci) -> virtio type; on a machine
+    without PCI (microvm) `qdev:<id>` -> type (x-query-virtio)."""
+    from agent.vmm.probe import pci_map, virtio_devices
+    from agent.vmm.qmp import QmpClient, QmpConnectError
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            c = QmpClient.connect(str(qmp_path), timeout=10, budget_s=timeout_s)
+            break
+        except QmpConnectError:
+            # not there yet, or there a moment before QEMU listens on it
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+    with c:
+        found = {d.device_key: d.virtio_type for d in pci_map(c) if d.virtio_id is not None}
+        if not found:
+            found = {f"qdev:{d.qdev_id}": d.name.removeprefix("virtio-")
+                     for d in virtio_devices(c)}
+        c.execute("cont")
+    return found
+
+
+def agent_devices(metrics_text: str, vm: str) -> dict[str, str]:
+    """device -> type of `vm`'s devices, from virtio_device_info."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["device"]: s.labels["type"]
+            for fam in text_string_to_metric_families(metrics_text) for s in fam.samples
+            if s.name == "virtio_device_info" and s.labels.get("vm") == vm}
+
+
+def check_devices(vm: str, qemu: dict[str, str], agent: dict[str, str]) -> list[DeviceCheck]:
+    """The agent saw every demo guest enumerate its devices (it starts before them), so each of
+    QEMU's virtio PCI functions must be exported under its PCI address with its type, and every
+    device the agent exports for the VM must be one of them. virtio-mmio devices (no PCI) are
+    named by their register window; their type must be QEMU's or `unknown` (capture does not
+    forward the DeviceID read), and they must be as many as QEMU's."""
+    rows = []
+    pci = {k: t for k, t in qemu.items() if k.startswith("pci-")}
+    for key, qtype in sorted(pci.items()):
+        atype = agent.get(key)
+        rows.append(DeviceCheck(vm, key, atype, qtype, "ok" if atype == qtype else "MISMATCH"))
+    others = sorted(d for d in agent if d not in pci)
+    mmio_types = sorted(t for k, t in qemu.items() if not k.startswith("pci-"))
+    for dev in others:
+        atype = agent[dev]
+        if pci or not dev.startswith("mmio-"):
+            # a PCI VM's device named by its registers: its enumeration was not recognised
+            rows.append(DeviceCheck(vm, dev, atype, None, "MISMATCH"))
+        elif atype in mmio_types:
+            rows.append(DeviceCheck(vm, dev, atype, atype, "ok"))
+        else:
+            rows.append(DeviceCheck(vm, dev, atype, "/".join(mmio_types) or None,
+                                    "unchecked" if atype == "unknown" and mmio_types
+                                    else "MISMATCH"))
+    if not pci and len(others) != len(mmio_types):
+        rows.append(DeviceCheck(vm, f"{len(mmio_types)} virtio-mmio device(s) in QEMU",
+                                f"{len(others)} exported", "/".join(mmio_types), "MISMATCH"))
+    return rows
+
+
+def format_device_checks(rows: list[DeviceCheck]) -> str:
+    head = ("vm", "device", "agent type", "QEMU type", "result")
+    lines = [head] + [(r.vm, r.device, r.agent_type or "(not exported)",
+                       r.qemu_type or "(none)", r.verdict) for r in rows]
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in lines)
+
+
 # --- the demo ----------------------------------------------------------------------------------
 
 def demo_specs():
     from lab.harness import GuestSpec
 
     def named(name: str, **kw):
-        return name, GuestSpec(extra_args=("-name", name), **kw)
+        # -S: paused until the demo asked QEMU for its devices (qemu_virtio_devices)
+        return name, GuestSpec(extra_args=("-name", name, "-S"), qmp=True, **kw)
 
     # fault_delay_ms: a running guest does not fault again within milliseconds of recovering;
     # it gives the agent time to watch the config vector it learnt (docs/correlation.md)
     recover = [
         named("demo-modern-fast", transport="modern", scenario="recover", repeat=3, delay_ms=1,
               fault_delay_ms=250),
-        named("demo-modern-slow", transport="modern", scenario="recover", devices=2, delay_ms=30),
+        # and a virtio-blk the guest only brings up: a device of another type to name
+        named("demo-modern-slow", transport="modern", scenario="recover", devices=2, delay_ms=30,
+              extra="blk"),
         named("demo-mmio", transport="mmio", scenario="recover", repeat=2, delay_ms=8,
               fault_delay_ms=250),
         named("demo-modern-intx", transport="modern", scenario="recover", irq="intx",
@@ -293,6 +386,8 @@ def selected_lines(text: str, names: Sequence[str] = SHOWN_METRICS) -> list[str]
 
 
 def main() -> int:
+    from agent.vmm.probe import ProbeFormatError
+    from agent.vmm.qmp import QmpError
     from lab.harness import LabError, LabVM
 
     t0 = time.monotonic()
@@ -307,28 +402,40 @@ def main() -> int:
         print(f"demo: {exc}\nrun `virtio-recovery-agent doctor`", file=sys.stderr)
         return 1
     results = {}
+    qemu_devices: dict[str, dict[str, str]] = {}
     stuck_snapshot: list[str] = []
+    stuck_vm = None
     try:
         print(f"agent ready on {agent.url} after {time.monotonic() - t0:.1f}s; "
               f"starting {stuck_name} (never recovers) and {len(recover)} recovering VMs",
               flush=True)
         stuck_vm = LabVM.start(stuck_spec)
+        qemu_devices[stuck_name] = qemu_virtio_devices(stuck_vm.qmp_path)
+
+        def stuck_seen() -> bool:
+            """While the stuck guest holds, past --stuck-after, its gauge goes up."""
+            nonlocal stuck_snapshot
+            if not any(ln.startswith("virtio_devices_stuck ") for ln in stuck_snapshot) \
+                    and stuck_vm.proc.poll() is None:
+                stuck_snapshot = [line for line in selected_lines(agent.metrics_text())
+                                  if "stuck" in line or "unrecovered" in line]
+            return any(ln.startswith("virtio_devices_stuck ") for ln in stuck_snapshot)
+
         for name, spec in recover:
             with LabVM.start(spec) as vm:
+                qemu_devices[name] = qemu_virtio_devices(vm.qmp_path)
                 results[name] = vm.wait(30).raise_for_error()
-        # while the stuck guest holds, past --stuck-after, its gauge goes up
+            stuck_seen()
         deadline = time.monotonic() + 3.0
-        while time.monotonic() < deadline and stuck_vm.proc.poll() is None:
-            stuck_snapshot = [line for line in selected_lines(agent.metrics_text())
-                              if "stuck" in line or "unrecovered" in line]
-            if any(line.startswith("virtio_devices_stuck ") for line in stuck_snapshot):
-                break
+        while time.monotonic() < deadline and stuck_vm.proc.poll() is None and not stuck_seen():
             time.sleep(0.2)
         results[stuck_name] = stuck_vm.wait(30).raise_for_error()
         time.sleep(0.5)  # reorder window + tick: the exit becomes an abandoned episode
         final_metrics = agent.metrics_text()
-    except LabError as exc:
+    except (LabError, AgentProcessError, QmpError, ProbeFormatError, OSError) as exc:
         print(f"demo: a lab VM failed: {exc}", file=sys.stderr)
+        if stuck_vm is not None:
+            stuck_vm.kill()
         agent.close()
         return 1
     code = agent.stop()
@@ -352,11 +459,24 @@ def main() -> int:
     print("\nepisode log (stdout of `run`), first lines:")
     for rec in records[:3]:
         print("  " + json.dumps(rec, separators=(",", ":")))
+    checks = []
+    for name, _spec in recover + [(stuck_name, stuck_spec)]:
+        checks += check_devices(name, qemu_devices[name], agent_devices(final_metrics, name))
+    bad = [c for c in checks if c.mismatch]
+    print("\n== devices: the agent's device and type labels vs QEMU (query-pci, asked before "
+          "each guest ran) ==")
+    print(format_device_checks(checks))
+    unchecked = sum(c.verdict == "unchecked" for c in checks)
+    print(f"device check: {len(checks)} devices, {len(bad)} mismatch(es)"
+          + (f"; {unchecked} virtio-mmio type(s) unknown to the agent (not checked)"
+             if unchecked else ""))
     if errors:
         print(f"\nagent logged {len(errors)} error(s), first: {errors[0]}")
     print(f"\nagent exit code on SIGTERM: {code}; demo took {time.monotonic() - t0:.1f}s")
     missing = [r for r in rows if r.outcome == "missing"]
-    return 0 if code == 0 and not missing else 1
+    if bad:
+        print(f"demo: {len(bad)} device(s) misnamed or mistyped by the agent", file=sys.stderr)
+    return 0 if code == 0 and not missing and not bad else 1
 
 
 if __name__ == "__main__":

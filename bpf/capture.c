@@ -209,6 +209,11 @@ BPF_HASH(ecam, u32, struct ecam_window, VM_ENTRIES);
 // An unwatched 2- or 4-byte write there is forwarded with its value: a driver programs its
 // MSI-X table and msix_config right after reading the capability, before a watch can land.
 BPF_HASH(devbar, u32, struct ecam_window, VM_ENTRIES);
+// the same, kernel-owned: the first page of each memory BAR the guest assigns to a virtio
+// function (devbar_from_bar). Apart from `devbar` so that userspace, whose model lags the guest
+// by a poll, never overwrites a widening it has not seen yet (the guest writes its MSI-X table
+// within milliseconds of assigning the BAR).
+BPF_HASH(devbar_k, u32, struct ecam_window, VM_ENTRIES);
 // (VMM, bus << 8 | dev << 3 | fn) of functions whose vendor id read 0x1af4 (virtio): a memory
 // BAR the guest assigns to one joins the VM's devbar span at once (devbar_from_bar); and
 // (VMM, Q35_MCH_MARK) when its 00:00.0 read as a Q35 MCH (8086:29c0): PCIEXBAR is decoded
@@ -444,7 +449,7 @@ static __always_inline void devbar_from_bar(u32 tgid, u64 addr, u64 value)
     if (!virtio_fns.lookup(&key) || (value & 1) || value == 0xffffffff || !(value & ~0xfULL))
         return;
     u64 base = value & ~0xfULL, end = base + 4096;
-    struct ecam_window *cur = devbar.lookup(&tgid);
+    struct ecam_window *cur = devbar_k.lookup(&tgid);
     struct ecam_window win = {.base = base, .size = 4096};
     if (cur) {
         u64 lo = cur->base < base ? cur->base : base;
@@ -452,7 +457,7 @@ static __always_inline void devbar_from_bar(u32 tgid, u64 addr, u64 value)
         win.base = lo;
         win.size = hi - lo;
     }
-    if (devbar.update(&tgid, &win) != 0)
+    if (devbar_k.update(&tgid, &win) != 0)
         return;
     widen_span(CFG_DEVBAR_LO, CFG_DEVBAR_HI, win.base, win.base + win.size);
 }
@@ -579,6 +584,8 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
         if (space == SPACE_MMIO && op == OP_WRITE && (size == 2 || size == 4) &&
             addr >= cfg(CFG_DEVBAR_LO) && addr < cfg(CFG_DEVBAR_HI)) {
             struct ecam_window *bars = devbar.lookup(&k.tgid);
+            if (!(bars && addr - bars->base < bars->size))
+                bars = devbar_k.lookup(&k.tgid);
             if (bars && addr - bars->base < bars->size) {
                 handle_candidate(&k, op, size, value, B_WATCHED);
                 return;

@@ -93,7 +93,8 @@ class GuestSpec:
     kick_ms: int = 5                 # linux: kick period
     start_delay_ms: int = 0          # busy-wait after boot, before touching any device
     fault_delay_ms: int = 0          # fault/stuck/recover/fail: busy-wait before each fault
-    detect_ms: int = 200             # give up waiting for NEEDS_RESET after this long
+    detect_ms: int = 2000            # give up waiting for NEEDS_RESET after this long (a busy host
+                                     # can hold QEMU off for a while)
     pit_ms: int = 0                  # also measure the TSC against the PIT (cross-check)
     qmp: bool = False                # expose a QMP unix socket (vm.qmp_path)
     boot: str | None = None          # pvh or multiboot; None: multiboot under SeaBIOS, else pvh
@@ -112,6 +113,9 @@ class GuestSpec:
     extra: str = ""
     extra_transitional: bool = False  # the extra device legacy-capable (id 0x1000/0x1001)
     pcicfg: str = "cf8"              # the guest's config accesses: cf8 (0xCF8/0xCFC) | ecam (q35)
+    # False: every virtio device with ioeventfd=off (QEMU then handles each kick in the vCPU
+    # thread that made it, not through an eventfd in its main loop)
+    ioeventfd: bool = True
     cpu: str = DEFAULT_CPU
     memory_mb: int = 32
     trace: tuple[str, ...] = ()      # QEMU -trace patterns, logged to the -D file
@@ -229,7 +233,11 @@ def _pci_flavour(spec: GuestSpec, transitional: bool = False) -> str:
         flavour = ",disable-legacy=off,disable-modern=on"
     if spec.irq == "intx":
         flavour += ",vectors=0"  # no MSI-X capability at all
-    return flavour
+    return flavour + _ioeventfd(spec)
+
+
+def _ioeventfd(spec: GuestSpec) -> str:
+    return "" if spec.ioeventfd else ",ioeventfd=off"
 
 
 def device_args(spec: GuestSpec, workdir: Path | None = None) -> list[str]:
@@ -274,6 +282,8 @@ def qemu_command(spec: GuestSpec, workdir: Path, kernel: Path | None = None) -> 
     machine = spec.effective_machine
     if machine == "microvm":
         cmd += ["-M", "microvm", "-global", "virtio-mmio.force-legacy=false"]
+        if not spec.ioeventfd:
+            cmd += ["-global", "virtio-mmio.ioeventfd=off"]   # a transport property there
     else:
         cmd += ["-M", machine]
         if spec.firmware == "qboot":

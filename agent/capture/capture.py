@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 SOURCE = "capture.c"
 # maps whose fill is reported (name -> grows with guests)
 REPORTED_MAPS = ("watch", "candidates", "buckets", "tracked", "irq_watch", "inflight_ioctl",
-                 "irq_seen", "apic_pending", "cf8_latch", "ecam", "cfg_state", "devbar", "virtio_fns")
+                 "irq_seen", "apic_pending", "cf8_latch", "ecam", "cfg_state", "devbar",
+                 "devbar_k", "virtio_fns")
 CFG_DISCOVERY_RATE = 0
 CFG_DISCOVERY_BURST = 1
 CFG_PIO_MIN_PORT = 2
@@ -424,7 +425,7 @@ class Capture:
             raise ValueError(f"WatchEcam: {exc}") from None
         if not ok:
             return False
-        self._span_bounds(b"ecam", CFG_ECAM_LO, CFG_ECAM_HI)
+        self._span_bounds((b"ecam",), CFG_ECAM_LO, CFG_ECAM_HI)
         return True
 
     def watch_device_bars(self, req: WatchDeviceBars) -> bool:
@@ -439,24 +440,24 @@ class Capture:
                 return False
         except ValueError as exc:
             raise ValueError(f"WatchDeviceBars: {exc}") from None
-        self._span_bounds(b"devbar", CFG_DEVBAR_LO, CFG_DEVBAR_HI)
+        self._span_bounds((b"devbar", b"devbar_k"), CFG_DEVBAR_LO, CFG_DEVBAR_HI)
         return True
 
-    def _span_bounds(self, name: bytes, lo_slot: int, hi_slot: int) -> None:
-        """The kernel looks a VM's window (`ecam`, `devbar`) up only for MMIO accesses within
-        all windows' span (config slots lo_slot/hi_slot). The span is computed from the map
-        itself: the kernel inserts or widens windows (PCIEXBAR, virtio BAR assignments) that
-        userspace has not been told about yet. The kernel inserts before it widens, so
-        re-reading the map after the store catches a window whose widening the store
-        overwrote."""
-        table, cfg = self.bpf[name], self.bpf[b"config"]
+    def _span_bounds(self, names: tuple[bytes, ...], lo_slot: int, hi_slot: int) -> None:
+        """The kernel looks a VM's windows (`ecam`; `devbar` and the kernel's own `devbar_k`)
+        up only for MMIO accesses within all windows' span (config slots lo_slot/hi_slot). The
+        span is computed from the maps themselves: the kernel inserts or widens windows
+        (PCIEXBAR, virtio BAR assignments) that userspace has not been told about yet. The
+        kernel inserts before it widens, so re-reading the maps after the store catches a
+        window whose widening the store overwrote."""
+        tables, cfg = [self.bpf[n] for n in names], self.bpf[b"config"]
         for _ in range(8):
-            wins = [(v.base, v.base + v.size) for v in table.values()]
+            wins = [(v.base, v.base + v.size) for t in tables for v in t.values()]
             lo = min((b for b, _ in wins), default=0)
             hi = max((e for _, e in wins), default=0)
             cfg[ctypes.c_int(lo_slot)] = ctypes.c_uint64(lo)
             cfg[ctypes.c_int(hi_slot)] = ctypes.c_uint64(hi)
-            if all(lo <= v.base and v.base + v.size <= hi for v in table.values()):
+            if all(lo <= v.base and v.base + v.size <= hi for t in tables for v in t.values()):
                 return
 
     def watch_interrupt(self, req: WatchInterrupt) -> bool:
@@ -508,13 +509,17 @@ class Capture:
             del self.bpf[b"cf8_latch"][ctypes.c_uint32(pid)]
         except KeyError:
             pass
-        for name, lo_slot, hi_slot in ((b"ecam", CFG_ECAM_LO, CFG_ECAM_HI),
-                                       (b"devbar", CFG_DEVBAR_LO, CFG_DEVBAR_HI)):
-            try:    # also a window the kernel set (PCIEXBAR, a virtio BAR assignment)
-                del self.bpf[name][ctypes.c_uint32(pid)]
-            except KeyError:
-                continue
-            self._span_bounds(name, lo_slot, hi_slot)
+        for names, lo_slot, hi_slot in (((b"ecam",), CFG_ECAM_LO, CFG_ECAM_HI),
+                                        ((b"devbar", b"devbar_k"), CFG_DEVBAR_LO, CFG_DEVBAR_HI)):
+            found = False
+            for name in names:
+                try:    # also a window the kernel set (PCIEXBAR, a virtio BAR assignment)
+                    del self.bpf[name][ctypes.c_uint32(pid)]
+                    found = True
+                except KeyError:
+                    pass
+            if found:
+                self._span_bounds(names, lo_slot, hi_slot)
         fns = self.bpf[b"virtio_fns"]
         for key in [int(getattr(k, "value", k)) for k in _map_keys(fns)]:
             if key >> 32 != pid:

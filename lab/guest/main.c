@@ -209,7 +209,7 @@ static void init_extra(struct vdev *d)
 	write_status(d, -1, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
 }
 
-#define QUEUE_TIMEOUT_MS 100
+#define QUEUE_TIMEOUT_MS 2000	/* long: the host (QEMU) may be descheduled for a while on a busy host */
 
 /* What a driver does in normal operation, before the fault: reads config_generation and the
  * device config (generation, field, generation again, as virtio_cread does), then has the device
@@ -337,7 +337,7 @@ void guest_main(u32 magic, u32 info)
 	u32 fault_delay = param_u32("fault_delay_ms", 0);
 	const char *fsel = param_str("fault_dev", "all");
 	int fault_sel = streq(fsel, "all") ? -1 : (int)param_u32("fault_dev", 0);
-	detect_ms = param_u32("detect_ms", 200);
+	detect_ms = param_u32("detect_ms", 2000);
 	reset_ms = param_u32("reset_ms", 1000);
 	prefault = param_u32("prefault", 0);
 	queue_gap_ms = param_u32("queue_gap_ms", 2);
