@@ -4,6 +4,7 @@
     python -m lab run --machine q35 --firmware seabios --irqchip split --extra blk --scenario recover
     python -m lab cmd --transport mmio --scenario fault     # print the QEMU command line only
     python -m lab bench --runs 5                              # wall/boot/recovery per transport
+    python -m lab linux --device blk --fault                  # real Linux under TCG (lab/linux)
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _spec(a: argparse.Namespace) -> GuestSpec:
         detect_ms=a.detect_ms, pit_ms=a.pit_ms, qmp=a.qmp, boot=a.boot,
         prefault=a.prefault, queue_gap_ms=a.queue_gap_ms, machine=a.machine,
         firmware=a.firmware, irqchip=a.irqchip, extra=a.extra,
-        extra_transitional=a.extra_transitional, pcicfg=a.pcicfg,
+        extra_transitional=a.extra_transitional, pcicfg=a.pcicfg, ioeventfd=a.ioeventfd,
         trace=tuple(a.trace or ()))
 
 
@@ -84,7 +85,11 @@ def _bench(runs: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lab", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("run", "cmd", "build", "bench"))
+    p.add_argument("command", choices=("run", "cmd", "build", "bench", "linux"))
+    p.add_argument("--device", choices=("rng", "net", "blk"), default="rng",
+                   help="linux: the virtio device of the real Linux guest (lab/linux)")
+    p.add_argument("--fault", action="store_true", help="linux: break the device from the host")
+    p.add_argument("--rounds", type=int, default=6, help="linux: traffic rounds after ready")
     p.add_argument("--runs", type=int, default=5, help="bench: runs per transport")
     p.add_argument("--transport", choices=TRANSPORTS, default="modern")
     p.add_argument("--scenario", choices=SCENARIOS, default="recover")
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start-delay-ms", type=int, default=0)
     p.add_argument("--fault-delay-ms", type=int, default=0,
                    help="fault/stuck/recover/fail: wait this long before each fault")
-    p.add_argument("--detect-ms", type=int, default=200)
+    p.add_argument("--detect-ms", type=int, default=2000)
     p.add_argument("--pit-ms", type=int, default=0)
     p.add_argument("--boot", choices=BOOT_PROTOCOLS, default=None,
                    help="default: multiboot under SeaBIOS, else pvh")
@@ -121,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the extra device is transitional (PCI id 0x1000/0x1001)")
     p.add_argument("--pcicfg", choices=PCI_CFG_MECHANISMS, default="cf8",
                    help="the guest's PCI config accesses: 0xCF8/0xCFC ports or q35's ECAM")
+    p.add_argument("--no-ioeventfd", dest="ioeventfd", action="store_false",
+                   help="every virtio device with ioeventfd=off")
     p.add_argument("--qmp", action="store_true")
     p.add_argument("--trace", action="append", help="QEMU -trace pattern (repeatable)")
     p.add_argument("--timeout", type=float, default=60.0)
@@ -133,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.command == "bench":
             return _bench(a.runs)
+        if a.command == "linux":
+            from lab.linux.run import main as linux_main
+            return linux_main(a.device, a.fault, a.workdir, a.rounds)
         spec = _spec(a)
         if a.command == "cmd":
             workdir = a.workdir or Path(tempfile.gettempdir()) / "vra-lab"

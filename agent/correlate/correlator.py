@@ -948,6 +948,12 @@ class Correlator:
         if dev.open_episode is None and not dev.suspected:
             dev.suspect_irq_ns = ts
             dev.suspect_kick_ns = None
+            # a device kicked within the window before the interrupt was in use: silence after
+            # it counts too. Real Linux often never kicks a broken queue again: with EVENT_IDX it
+            # kicks only past the avail_event QEMU stopped moving (docs/correlation.md)
+            kick = dev.last_kick_ns
+            if kick is not None and 0 <= ts - kick <= self.config.suspect_window_ns:
+                dev.suspect_kick_ns = kick
             self._suspects[id(dev)] = (vm, dev)
 
     def _kick_device(self, vm: VmState, addr: int, count: bool = True) -> Optional[DeviceState]:
@@ -1002,6 +1008,8 @@ class Correlator:
             dev.clear_suspicion()
             self._suspects.pop(id(dev), None)
             return
+        if kick is not None:
+            kick = max(kick, irq)   # a kick before the interrupt: silence is judged from it
         if kick is not None and vm.last_progress_ns > kick:
             # something completed after the kick: the device (or at least the VM) makes progress
             self._stats["suspicions_cleared_by_progress"] += 1

@@ -151,7 +151,7 @@ class PciFunction:
                 self.sizing.add(dword)
                 return
             self.sizing.discard(dword)
-            if size == 4 and off == dword:
+            if size == 4 and off == dword and not self._upper_dword(dword):
                 # the low bits of a BAR (I/O or memory, type, prefetchable) are read-only: a
                 # guest writing an address without them does not change them
                 ref = self.bar_masks.get(dword)     # the size mask carries the type bits
@@ -166,6 +166,22 @@ class PciFunction:
             at = off + i
             if any(lo <= at < hi for lo, hi in WRITABLE + writable):
                 self._put(at, 1, value >> (8 * i))
+
+    def _upper_dword(self, dword: int) -> bool:
+        """Is this BAR dword the high half of the 64-bit memory BAR before it? All its bits are
+        address bits (Linux sizes it too: all-ones, mask 0xffffffff, then 0 written back)."""
+        at = BAR0
+        while at < dword:
+            ref = self.bar_masks.get(at)
+            if ref is None:
+                ref = self._get(at, 4)
+            if ref is not None and not ref & 1 and (ref >> 1) & 3 == 2:
+                if at + 4 == dword:
+                    return True
+                at += 8             # skip the high half
+            else:
+                at += 4
+        return False
 
     # -- identity ------------------------------------------------------------------------
 
@@ -412,7 +428,9 @@ class PciModel:
         extra = []
         ptr = fn.msix_cap()
         if ptr is not None:
-            extra.append((ptr + 2, ptr + 4))            # MSI-X message control
+            # MSI-X message control: its high byte (enable, function mask); the low byte is
+            # table size bits 7:0, read-only (PCI 3.0 6.8.2.3)
+            extra.append((ptr + 3, ptr + 4))
         if bdf == Q35_HOST_BDF:
             extra.append((PCIEXBAR, PCIEXBAR + 8))
         fn.write(off, size, value, tuple(extra))
