@@ -1,8 +1,8 @@
 """Check every prerequisite of the capture and say how to fix what is missing.
 
 Prints one row per check (ok / FAIL / unavailable / warn) with the detail and the fix. Exits
-non-zero when a core prerequisite fails (privileges, tracefs, kernel headers or BTF, BCC,
-a core hook family); optional features (kprobes, fentry, vhost, bpf stats) only warn.
+non-zero when a core prerequisite fails (privileges, host PID namespace, tracefs, kernel headers
+or BTF, BCC, a core hook family); optional features (kprobes, fentry, vhost, bpf stats) only warn.
 """
 from __future__ import annotations
 
@@ -13,10 +13,16 @@ import platform
 import shutil
 import sys
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 OK, FAIL, UNAVAILABLE, WARN = "ok", "FAIL", "unavailable", "warn"
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+# The inode of the initial PID namespace, fixed in the kernel (PROC_PID_INIT_INO,
+# include/linux/proc_ns.h); every other namespace gets one from 0xF0000000 up.
+HOST_PID_NS_INODE = 0xEFFFFFFC
+HOST_PID_FIX = ("run the agent in the host PID namespace: `hostPID: true` in the pod spec "
+                "(deploy/base/daemonset.yaml sets it), `--pid=host` for docker or podman")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,8 +52,43 @@ def check_privileges() -> Check:
         who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
         return Check("privileges", OK, f"{who}, CapEff={caps:#x}", core=True)
     return Check("privileges", FAIL, f"uid {os.geteuid()}, CapEff={caps:#x}: lacks CAP_BPF+CAP_PERFMON "
-                 "(or CAP_SYS_ADMIN)", "run as root, or grant CAP_BPF, CAP_PERFMON (and "
-                 "CAP_SYS_ADMIN for BCC) to the container", core=True)
+                 "(or CAP_SYS_ADMIN)", "run as root with CAP_BPF and CAP_PERFMON (kernel >= 5.8; "
+                 "CAP_SYS_ADMIN before), as deploy/base/daemonset.yaml grants them", core=True)
+
+
+def host_pid_problem(proc_root: str = "/proc") -> Optional[str]:
+    """Why the pids BPF reports would not name this /proc's processes, or None.
+
+    BPF reports every process by its pid in the host's (initial) PID namespace; VM identity
+    reads /proc/<that pid>. Both hold only when this process is in the initial namespace (its
+    ns/pid link names the kernel's fixed inode, whatever the container runtime) and /proc is
+    mounted for it (/proc/self is this process's own pid there)."""
+    link_path = os.path.join(proc_root, "self", "ns", "pid")
+    try:
+        link = os.readlink(link_path)
+    except OSError as exc:
+        return f"cannot read {link_path} ({exc.strerror})"
+    if link != f"pid:[{HOST_PID_NS_INODE}]":
+        return (f"not in the host PID namespace (this process is in {link}; the host's is "
+                f"pid:[{HOST_PID_NS_INODE}]): the VMM pids BPF reports are host pids that this "
+                "process cannot find in /proc, so VMs could not be identified")
+    try:
+        self_pid = int(os.readlink(os.path.join(proc_root, "self")))
+    except (OSError, ValueError):
+        self_pid = None
+    if self_pid != os.getpid():
+        return (f"{proc_root} is mounted for another PID namespace than this process's "
+                f"(its self is {self_pid}, this process is {os.getpid()}): VM identity would be "
+                "read from the wrong processes")
+    return None
+
+
+def check_host_pid() -> Check:
+    problem = host_pid_problem()
+    if problem:
+        return Check("host PID namespace", FAIL, problem, HOST_PID_FIX, core=True)
+    return Check("host PID namespace", OK,
+                 f"pid:[{HOST_PID_NS_INODE}], /proc is the host's", core=True)
 
 
 def check_tracefs() -> Check:
@@ -80,9 +121,12 @@ def check_headers() -> Check:
         parts.append("BTF /sys/kernel/btf/vmlinux")
     if os.path.isdir(build) or kheaders:
         return Check("kernel headers / BTF", OK, ", ".join(parts), core=True)
-    return Check("kernel headers / BTF", FAIL, ", ".join(parts) or "no headers, no kheaders",
-                 f"install linux-headers-{rel} (or modprobe kheaders); BCC compiles against them",
-                 core=True)
+    detail = f"no kernel headers at {build}, no kheaders module"
+    if btf:
+        detail += " (BTF /sys/kernel/btf/vmlinux is present, but BCC compiles against headers)"
+    return Check("kernel headers / BTF", FAIL, detail,
+                 f"install linux-headers-{rel} (or modprobe kheaders); BCC compiles against them "
+                 "(in a pod: hostPath-mount /lib/modules and /usr/src)", core=True)
 
 
 def check_bcc() -> Check:
@@ -132,9 +176,13 @@ def check_fentry() -> Check:
     if not BPF.support_kfunc():
         return Check("fentry", UNAVAILABLE, "no BPF trampoline support",
                      "kernel >= 5.5 with CONFIG_DEBUG_INFO_BTF (optional)")
+    from agent.daemon.native_output import native_output_captured
+
     try:
-        b = BPF(text="KFUNC_PROBE(vfs_read) { return 0; }")
-        b.cleanup()
+        # libbcc prints its own complaint; it must not break the table
+        with native_output_captured():
+            b = BPF(text="KFUNC_PROBE(vfs_read) { return 0; }")
+            b.cleanup()
     except Exception as exc:
         msg = str(exc).strip().splitlines()[-1][:120] if str(exc).strip() else type(exc).__name__
         if "super-user" in msg and os.geteuid() == 0:
@@ -157,12 +205,15 @@ def check_vhost() -> Check:
 
 def check_hooks() -> list[Check]:
     from agent.capture import FAMILIES, Capture
+    from agent.daemon.native_output import native_output_captured
+
     try:
-        cap = Capture()
-        statuses = cap.start()
+        with native_output_captured() as said:
+            cap = Capture()
+            statuses = cap.start()
     except Exception as exc:
-        return [Check("hooks", FAIL, f"capture failed to load: {exc}",
-                      "see the failures above", core=True)]
+        return [Check("hooks", FAIL, f"capture failed to load: {exc}; libbcc: "
+                      f"{' | '.join(said.lines()[-5:])}", "see the failures above", core=True)]
     try:
         raw = cap.raw_tracepoints
     finally:
@@ -185,8 +236,35 @@ def check_hooks() -> list[Check]:
     return out
 
 
+def load_failure_checks(bcc_output: str = "") -> list[Check]:
+    """What doctor would say about a capture whose core hook families did not load: the
+    failing prerequisites, else a diagnosis from what libbcc printed (`bcc_output`)."""
+    failed = [c for c in (check_privileges(), check_host_pid(), check_tracefs(),
+                          check_headers(), check_bcc()) if c.status == FAIL]
+    return failed or [diagnose_bcc_output(bcc_output)]
+
+
+def diagnose_bcc_output(bcc_output: str) -> Check:
+    """A failed BPF build or load, from what libbcc printed, when no prerequisite failed."""
+    text = bcc_output.lower()
+    if "operation not permitted" in text or "eperm" in text:
+        return Check("BPF load", FAIL, "the kernel refused bpf() with EPERM",
+                     "allow the bpf and perf_event_open syscalls: an unconfined seccomp "
+                     "profile (seccompProfile: Unconfined) and CAP_BPF, CAP_PERFMON "
+                     "(CAP_SYS_ADMIN before kernel 5.8)", core=True)
+    if "kernel headers" in text or ("/build" in text and "no such file" in text):
+        rel = platform.release()
+        return Check("kernel headers / BTF", FAIL, f"BCC found no headers for {rel}",
+                     f"install linux-headers-{rel} (or modprobe kheaders) and mount "
+                     "/lib/modules and /usr/src into the container", core=True)
+    return Check("hooks", FAIL, "the BPF programs did not compile or load",
+                 "run `virtio-recovery-agent doctor` on the host and read libbcc's output",
+                 core=True)
+
+
 def run_checks() -> list[Check]:
-    checks = [check_privileges(), check_tracefs(), check_headers(), check_bcc(), check_kvm()]
+    checks = [check_privileges(), check_host_pid(), check_tracefs(), check_headers(),
+              check_bcc(), check_kvm()]
     prerequisites_ok = all(c.status == OK for c in checks if c.core)
     if prerequisites_ok:
         checks += check_hooks()

@@ -19,9 +19,13 @@ import yaml
 HERE = Path(__file__).resolve().parent
 CONFIGMAP = HERE / "grafana-dashboards-configmap.yaml"
 DS = {"type": "prometheus", "uid": "${datasource}"}
-SEL = 'instance=~"$instance"'
-DEV_SEL = 'instance=~"$instance", namespace=~"$namespace", vm=~"$vm", device=~"$device"'
-VM_SEL = 'instance=~"$instance", namespace=~"$namespace", vm=~"$vm"'
+# Every query selects on the cluster, node and agent variables (tests/deploy checks each selector).
+# `cluster` is whatever label tells clusters apart where several Prometheus feed one Grafana (an
+# external label kept by Thanos/Mimir/federation); on a single Prometheus it has no values and
+# "All" (.*) also matches series without it. `node` is set by the ServiceMonitor (docs/deploy.md).
+SEL = 'cluster=~"$cluster", node=~"$node", instance=~"$instance"'
+VM_SEL = SEL + ', namespace=~"$namespace", vm=~"$vm"'
+DEV_SEL = VM_SEL + ', device=~"$device"'
 WIDTH = 24
 
 
@@ -141,8 +145,14 @@ def _dashboard(uid: str, title: str, description: str, variables: list[dict[str,
     }
 
 
-def _instance_var() -> dict[str, Any]:
-    return _query_var("instance", "agent", "label_values(virtio_agent_build_info, instance)")
+def _host_vars() -> list[dict[str, Any]]:
+    """cluster -> node -> agent (instance), each narrowed by the ones before it."""
+    return [
+        _query_var("cluster", "cluster", "label_values(virtio_agent_build_info, cluster)"),
+        _query_var("node", "node", 'label_values(virtio_agent_build_info{cluster=~"$cluster"}, node)'),
+        _query_var("instance", "agent",
+                   'label_values(virtio_agent_build_info{cluster=~"$cluster", node=~"$node"}, instance)'),
+    ]
 
 
 def _stat(title: str, expr: str, unit: str = "short", description: str = "", width: int = 4,
@@ -193,7 +203,8 @@ def fleet_overview() -> dict[str, Any]:
         Panel("Devices stuck in NEEDS_RESET", "table", [
             Query("max by (instance, namespace, vm, device, type, transport) ("
                   f"virtio_device_unrecovered_seconds{{{SEL}}} "
-                  "* on (instance, namespace, vm, device) group_left (type, transport) virtio_device_info"
+                  "* on (instance, namespace, vm, device) group_left (type, transport) "
+                  f"virtio_device_info{{{SEL}}}"
                   f") and on (instance, namespace, vm, device) (virtio_device_stuck{{{SEL}}} == 1)",
                   instant=True, fmt="table"),
         ], width=12, unit="s", description="Open episodes older than --stuck-after; Value = seconds unrecovered.",
@@ -249,7 +260,7 @@ def fleet_overview() -> dict[str, Any]:
     ]
     return _dashboard("virtio-fleet-overview", "virtio recovery / fleet overview",
                       "DEVICE_NEEDS_RESET episodes and guest recovery times across all KVM hosts.",
-                      [_instance_var()], panels)
+                      _host_vars(), panels)
 
 
 # virtio status byte -> what the driver has got to (virtio 1.x, 2.1)
@@ -270,7 +281,7 @@ def vm_drilldown() -> dict[str, Any]:
     ri = "$__rate_interval"
     rng = "$__range"
     variables = [
-        _instance_var(),
+        *_host_vars(),
         _query_var("namespace", "namespace", f'label_values(virtio_device_info{{{SEL}}}, namespace)'),
         _query_var("vm", "VM", f'label_values(virtio_device_info{{{SEL}, namespace=~"$namespace"}}, vm)'),
         _query_var("device", "device", f'label_values(virtio_device_info{{{VM_SEL}}}, device)'),
@@ -334,18 +345,21 @@ def vm_drilldown() -> dict[str, Any]:
 def agent_health() -> dict[str, Any]:
     ri = "$__rate_interval"
     panels = [
-        _stat("Agents up", 'sum(up{job=~"$job"})', width=4,
+        _stat("Agents up", f'sum(up{{job=~"$job", {SEL}}})', width=4,
               description="Targets of the selected scrape job that answered the last scrape."),
-        _stat("Agents down", 'count(up{job=~"$job"} == 0) or vector(0)', width=4,
+        _stat("Agents down", f'count(up{{job=~"$job", {SEL}}} == 0) or vector(0)', width=4,
               thresholds=[(None, "green"), (1, "red")]),
+        _stat("Agents not ready", f"count(virtio_agent_ready{{{SEL}}} == 0) or vector(0)", width=4,
+              thresholds=[(None, "green"), (1, "red")],
+              description="Agents that answer but are not capturing: compiling, or capture died (VirtioAgentNotReady)."),
         _stat("Hooks not attached", f'count(virtio_agent_hook_attached{{{SEL}, hook!="vhost_kprobe"}} == 0) or vector(0)',
               width=4, description="Hook families not attached, vhost_kprobe (kprobes, vDPA only) left out "
               "as in the VirtioAgentHookNotAttached alert.",
               thresholds=[(None, "green"), (1, "orange")]),
         _stat("Events lost (range)", f"sum(increase(virtio_agent_events_lost_total{{{SEL}}}[$__range]))", width=4,
               thresholds=[(None, "green"), (1, "orange")]),
-        _stat("VMs tracked", f"sum(virtio_agent_vms{{{SEL}}})", width=4),
-        _stat("Devices tracked", f"sum(virtio_agent_devices{{{SEL}}})", width=4),
+        _stat("VMs tracked", f"sum(virtio_agent_vms{{{SEL}}})", width=2),
+        _stat("Devices tracked", f"sum(virtio_agent_devices{{{SEL}}})", width=2),
         Panel("Hook families attached", "state-timeline", [
             Query(f"max by (instance, hook) (virtio_agent_hook_attached{{{SEL}}})", "{{instance}} {{hook}}"),
         ], width=24, height=7, defaults={
@@ -410,10 +424,10 @@ def agent_health() -> dict[str, Any]:
                   instant=True, fmt="table"),
         ], extra={"transformations": [{"id": "organize", "options": {"excludeByName": {"Time": True, "Value": True}}}]}),
     ]
-    job_var = _query_var("job", "scrape job", "label_values(virtio_agent_build_info, job)")
+    job_var = _query_var("job", "scrape job", 'label_values(virtio_agent_build_info{cluster=~"$cluster"}, job)')
     return _dashboard("virtio-agent-health", "virtio recovery / agent health",
                       "Is every virtio-recovery-agent up, attached, keeping up with events and within its bounds?",
-                      [job_var, _instance_var()], panels, time_from="now-24h")
+                      [_host_vars()[0], job_var, *_host_vars()[1:]], panels, time_from="now-24h")
 
 
 DASHBOARDS = {

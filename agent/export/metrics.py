@@ -175,8 +175,39 @@ def _vm_labels(vm: VmIdentity) -> tuple[str, str]:
     return (vm.name or f"pid-{vm.pid}", vm.namespace)
 
 
+class AgentStatusCollector(Collector):
+    """`virtio_agent_build_info` and `virtio_agent_ready`, served from the first request on:
+    before the BPF programs are compiled (the AgentCollector does not exist yet), a scrape shows
+    the agent as up but not ready instead of an empty page. `ready_fn` is called per scrape."""
+
+    def __init__(self, ready_fn: Callable[[], bool],
+                 build_info: Optional[BuildInfo] = None) -> None:
+        self._ready_fn = ready_fn
+        self._build = build_info or BuildInfo.detect()
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        b = self._build
+        build = GaugeMetricFamily("virtio_agent_build_info", "Build metadata.",
+                                  labels=["version", "python", "bcc"])
+        build.add_metric([b.version, b.python, b.bcc], 1)
+        try:
+            ready = bool(self._ready_fn())
+        except Exception:
+            ready = False
+        g = GaugeMetricFamily(
+            "virtio_agent_ready",
+            "1 when every enabled core hook family is attached and the event loop runs; 0 while "
+            "the BPF programs compile, and when capture fails.")
+        g.add_metric([], 1 if ready else 0)
+        return [build, g]
+
+
 class AgentCollector(Collector):
-    """Builds all families on each scrape. Register it in a CollectorRegistry.
+    """Builds all families on each scrape (but build_info and ready: AgentStatusCollector).
+    Register it in a CollectorRegistry.
 
     `snapshot_fn` returns the correlation Snapshot for now (or None before correlation runs);
     `self_stats_fn` returns SelfStats. Both are called from the HTTP thread.
@@ -186,7 +217,6 @@ class AgentCollector(Collector):
                  histograms: EpisodeHistograms,
                  self_stats_fn: Callable[[], SelfStats] = SelfStats,
                  stuck_after_s: float = 60.0,
-                 build_info: Optional[BuildInfo] = None,
                  ifname_fn: Optional[Callable[[VmIdentity, str], str]] = None,
                  extra_families_fn: Optional[Callable[[], list[Metric]]] = None) -> None:
         # ifname_fn(vm, device): the device's host network interface ("" if none known);
@@ -197,7 +227,6 @@ class AgentCollector(Collector):
         self._histograms = histograms
         self._self_stats_fn = self_stats_fn
         self._stuck_after_s = stuck_after_s
-        self._build = build_info or BuildInfo.detect()
         self._last_scrape_s = 0.0
         self._lock = threading.Lock()
 
@@ -333,10 +362,6 @@ class AgentCollector(Collector):
         return families
 
     def _self_families(self, s: SelfStats) -> list[Metric]:
-        b = self._build
-        build = GaugeMetricFamily("virtio_agent_build_info", "Build metadata.",
-                                  labels=["version", "python", "bcc"])
-        build.add_metric([b.version, b.python, b.bcc], 1)
         hooks = GaugeMetricFamily("virtio_agent_hook_attached",
                                   "1 if the hook family attached, 0 if tried and failed.",
                                   labels=["hook"])
@@ -385,7 +410,7 @@ class AgentCollector(Collector):
             "What this agent took over from the state file when it started.", labels=["what"])
         for what in ("vms", "devices", "episodes"):
             restored.add_metric([what], s.state_restored.get(what, 0))
-        families: list[Metric] = [build, hooks, events, filtered, lost, entries, capacity,
+        families: list[Metric] = [hooks, events, filtered, lost, entries, capacity,
                                   queries, skipped, saves, restored]
         if s.prog_run_time_ns is not None:
             run_time = CounterMetricFamily("virtio_agent_bpf_run_time_seconds_total",

@@ -4,12 +4,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,6 +20,8 @@ RUNBOOKS = ROOT / "docs" / "runbooks"
 
 # Series Prometheus records for every scrape itself (not exported by the agent, so not in docs/metrics.md).
 SCRAPE_SERIES = {"up", "scrape_duration_seconds"}
+# kube-state-metrics series the alerts use (VirtioAgentDaemonSetNotAvailable); not the agent's.
+KUBE_STATE_METRICS_SERIES = {"kube_daemonset_status_desired_number_scheduled", "kube_daemonset_status_number_available"}
 
 PROMQL_KEYWORDS = {
     "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
@@ -30,19 +30,17 @@ PROMQL_KEYWORDS = {
 
 
 def strict() -> bool:
-    return os.environ.get("VRA_REQUIRE_KVM", "") not in ("", "0")
+    from conftest import strict as conftest_strict
+
+    return conftest_strict()
 
 
-def need_tool(name: str, why: str, always_skip: bool = False) -> str:
-    """Path of a command-line tool; skip without it (fail under VRA_REQUIRE_KVM=1, like conftest,
-    unless `always_skip`: for tools no package registry reachable from CI provides)."""
-    path = shutil.which(name) or (shutil.which(name, path=str(ROOT / ".venv" / "bin")))
-    if path is None:
-        message = f"{name} is not installed ({why})"
-        if strict() and not always_skip:
-            pytest.fail(f"prerequisite missing and VRA_REQUIRE_KVM=1 forbids skipping: {message}")
-        pytest.skip(message)
-    return path
+def need_tool(name: str, why: str) -> str:
+    """Path of a command-line tool, through conftest's one skip route (a failure under
+    VRA_REQUIRE_KVM=1)."""
+    from conftest import require_tool
+
+    return require_tool(name, why)
 
 
 def metric_contract() -> dict[str, str]:

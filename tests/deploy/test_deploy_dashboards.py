@@ -92,3 +92,53 @@ def test_every_contract_metric_is_shown_or_alerted_on():
         used |= {re.sub(r"_(bucket|sum|count)$", "", n) for n in metric_names(expr)}
     missing = set(metric_contract()) - used
     assert missing == set(), f"docs/metrics.md metrics that no dashboard or alert uses: {sorted(missing)}"
+
+
+HOST_VARIABLES = ("cluster", "node")
+
+
+def _selectors(expr: str) -> list[tuple[str, str]]:
+    """(metric name, matchers) of every vector selector in a PromQL expression, '' if it has no braces."""
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    text = re.sub(r"\[[^\]]*\]", " ", text)
+    out = []
+    for m in re.finditer(r"(?<![\w.:\"$])([a-zA-Z_:][\w:]*)\s*(\{[^}]*\}|\()?", text):
+        name, rest = m.group(1), m.group(2) or ""
+        if rest == "(" or name in ("and", "or", "unless", "bool", "offset") or name.isdigit():
+            continue
+        out.append((name, rest))
+    return out
+
+
+def test_every_board_has_cluster_and_node_variables():
+    for name, board in _boards().items():
+        variables = {v["name"]: v for v in board["templating"]["list"]}
+        for var in HOST_VARIABLES:
+            assert var in variables, f"{name}: no {var} variable"
+            assert variables[var]["includeAll"] and variables[var]["allValue"] == ".*"
+
+
+def test_every_query_selects_on_cluster_and_node():
+    """Each vector selector of each panel carries both matchers; each variable after them narrows by them."""
+    checked = 0
+    for name, board in _boards().items():
+        wanted = [(t["expr"], HOST_VARIABLES) for p in board["panels"] for t in p["targets"]]
+        for var in board["templating"]["list"]:
+            if var["type"] != "query" or var["name"] == "cluster":
+                continue
+            selector = re.fullmatch(r"label_values\((.*),\s*\w+\)", var["definition"]).group(1)
+            # the node variable (and the scrape job's) can only narrow by cluster
+            wanted.append((selector, ("cluster",) if var["name"] in ("node", "job") else HOST_VARIABLES))
+        for expr, host_vars in wanted:
+            selectors = _selectors(expr)
+            assert selectors, f"{name}: no selector found in {expr!r}"
+            for metric, matchers in selectors:
+                checked += 1
+                for var in host_vars:
+                    assert f'{var}=~"${var}"' in matchers, f"{name}: {metric}{matchers} in {expr!r} lacks {var}"
+    assert checked > len(dashboard_exprs())  # some queries join two or more selectors
+
+
+def test_selector_finder_sees_bare_and_joined_selectors():
+    found = _selectors('sum by (a) (rate(x_total{node=~"$node"}[5m])) * on (a) group_left (b) y_info')
+    assert found == [("x_total", '{node=~"$node"}'), ("y_info", "")]

@@ -12,16 +12,13 @@ import re
 import subprocess
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
 from deploy_support import DEPLOY, ROOT, need_tool
+from image_support import built_image, podman
 
-IMAGE = "localhost/virtio-recovery-agent:test"
-BASE = "localhost/vra-base:bookworm"
-CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 # rlimits cannot be raised in this environment, and crun fails on its cgroup layout.
 PODMAN_RUN = ["--runtime", "runc", "run", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024",
               "--pid=host"]
@@ -38,7 +35,11 @@ def test_hadolint_clean():
 
 def test_dockerfile_contract():
     text = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^ARG BASE_IMAGE=\S+", text, re.M), "the base image must be a build ARG"
+    default_base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M)
+    assert default_base, "the base image must be a build ARG"
+    assert re.fullmatch(r"\S+@sha256:[0-9a-f]{64}", default_base.group(1)), "the default base must be pinned by digest"
+    # The runtime image carries only what `run` needs: not the lab guests.
+    assert not re.search(r"^COPY .*\blab/", text, re.M)
     assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
     assert "python3-bpfcc" in text
     assert re.search(r"VRA_BPF_DIR=(\S+)", text)
@@ -62,35 +63,12 @@ def test_dockerignore_keeps_what_the_dockerfile_copies():
 
 
 def _podman() -> str:
-    if os.environ.get("VRA_IMAGE_TEST", "") in ("", "0"):
-        pytest.skip("set VRA_IMAGE_TEST=1 to build the image with podman and run it (about a minute cold, needs Debian and PyPI)")
-    if os.geteuid() != 0:
-        pytest.fail("VRA_IMAGE_TEST=1 needs root (rootful podman, debootstrap)")
-    for tool in ("runc", "debootstrap"):
-        need_tool(tool, "apt-get install podman runc debootstrap")
-    return need_tool("podman", "apt-get install podman runc debootstrap")
+    return podman()
 
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    podman = _podman()
-    t0 = time.monotonic()
-    subprocess.run([str(ROOT / "scripts" / "build-base-image"), BASE], check=True)
-    t1 = time.monotonic()
-    cmd = [podman, "build", "--runtime", "runc", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE}",
-           "-t", IMAGE, str(ROOT)]
-    if CA_BUNDLE.exists():  # a TLS-intercepting proxy's CA, if the host trusts one
-        cmd[2:2] = ["--secret", f"id=ca-certificates,src={CA_BUNDLE}"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    t2 = time.monotonic()
-    # Previous builds of this tag are now dangling: drop them (only this project's, by label).
-    subprocess.run([podman, "image", "prune", "-f", "--filter", "label=org.opencontainers.image.title=virtio-recovery-agent"],
-                   capture_output=True)
-    size = subprocess.run([podman, "image", "inspect", "--format", "{{.Size}}", IMAGE],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    print(f"\nimage timings: base {t1 - t0:.1f}s, build {t2 - t1:.1f}s; image size {int(size) / 2**20:.0f} MiB")
-    return IMAGE
+    return built_image()
 
 
 def _daemonset_security_args() -> list[str]:
@@ -126,6 +104,19 @@ def test_doctor_passes_with_the_daemonset_privileges(image):
     result = subprocess.run([podman, *PODMAN_RUN, "--rm", *_daemonset_security_args(), *HOST_MOUNTS, image, "doctor"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_image_has_only_what_run_needs(image):
+    """No lab/, no pip or setuptools in the runtime image; the biggest contents are printed (docs/deploy.md)."""
+    result = subprocess.run([_podman(), *PODMAN_RUN, "--rm", "--entrypoint", "python3", image, "-c",
+                             "import importlib.util as u; print(*[m for m in ('lab', 'pip', 'setuptools', 'agent', 'bcc') "
+                             "if u.find_spec(m)])"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["agent", "bcc"]
+    biggest = subprocess.run([_podman(), *PODMAN_RUN, "--rm", "--entrypoint", "sh", image, "-c",
+                              "du -sm /usr/lib/x86_64-linux-gnu/* /usr/lib/llvm-* /usr/lib/python3* /opt/* /usr/bin /var/lib/dpkg "
+                              "2>/dev/null | sort -rn | head -10; du -xsm /"], capture_output=True, text=True, timeout=120)
+    print(biggest.stdout)
 
 
 def test_image_knows_its_bpf_sources(image):

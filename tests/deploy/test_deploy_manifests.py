@@ -1,6 +1,7 @@
 """Kubernetes manifests: yamllint, kustomize builds, schema validation, and the DaemonSet's contract."""
 from __future__ import annotations
 
+import os
 import re
 import sys
 import subprocess
@@ -27,10 +28,7 @@ def _load_all(text: str) -> list[dict]:
 
 
 def _kustomize(path) -> list[dict]:
-    # kubectl is not a Debian package (it comes from Kubernetes' own apt repository): without it the
-    # kustomize builds are skipped even in CI; the raw manifests are still validated.
-    kubectl = need_tool("kubectl", "kubectl has kustomize built in; `kubectl kustomize` renders deploy/",
-                        always_skip=True)
+    kubectl = need_tool("kubectl", "kubectl has kustomize built in; `kubectl kustomize` renders deploy/")
     result = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return _load_all(result.stdout)
@@ -91,7 +89,15 @@ def test_validator_rejects_a_misspelt_field():
         kubernetes_validate.validate(daemonset, K8S_VERSIONS[-1], strict=True)
 
 
-@pytest.mark.parametrize("overlay", ["deploy", "deploy/base", "deploy/overlays/privileged"])
+OVERLAYS = ["deploy", "deploy/base"] + sorted(f"deploy/overlays/{p.name}" for p in (DEPLOY / "overlays").iterdir()
+                                               if (p / "kustomization.yaml").is_file())
+
+
+def test_every_overlay_is_built_here():
+    assert {"deploy/overlays/privileged", "deploy/overlays/lsm-unconfined", "deploy/overlays/no-usr-src"} <= set(OVERLAYS)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kustomize_build_validates(overlay):
     objs = _kustomize(ROOT / overlay)
     kinds = sorted(o["kind"] for o in objs)
@@ -100,7 +106,8 @@ def test_kustomize_build_validates(overlay):
     for obj in objs:
         assert obj["metadata"].get("namespace", "virtio-recovery") == "virtio-recovery"
         if obj["kind"] not in CRD_KINDS:
-            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(obj, version, strict=True)
     image = _by_kind(objs, "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"]
     assert re.fullmatch(r"\S+/virtio-recovery-agent:\S+", image), image
 
@@ -111,6 +118,85 @@ def test_privileged_overlay_is_the_only_privileged_one():
     assert base["containers"][0]["securityContext"]["privileged"] is False
     assert privileged["containers"][0]["securityContext"]["privileged"] is True
     assert {"tracefs", "debugfs"} <= {v["name"] for v in privileged["volumes"]}
+
+
+# The labels a Prometheus Operator selects ServiceMonitors and PrometheusRules by.
+SELECTION_LABELS = {"release"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_servicemonitor_and_prometheusrule_carry_the_same_selection_labels(overlay):
+    """A Prometheus that loads the rules also scrapes the agent (kube-prometheus-stack selects both by
+    `release`): the labels are set once, in deploy/base/kustomization.yaml, for both objects."""
+    objs = _kustomize(ROOT / overlay)
+    monitor = _by_kind(objs, "ServiceMonitor")["metadata"]["labels"]
+    rule = _by_kind(objs, "PrometheusRule")["metadata"]["labels"]
+    assert SELECTION_LABELS <= set(monitor)
+    assert monitor == rule
+
+
+def test_selection_labels_are_set_in_one_place():
+    for obj in _raw_objects():
+        if obj["kind"] in CRD_KINDS:
+            assert not SELECTION_LABELS & set(obj["metadata"].get("labels", {})), \
+                f"{obj['kind']} sets a selection label itself; it belongs in deploy/base/kustomization.yaml"
+    kustomization = yaml.safe_load((DEPLOY / "base" / "kustomization.yaml").read_text())
+    patches = [p for p in kustomization.get("patches", []) if p.get("target", {}).get("group") == "monitoring.coreos.com"]
+    assert len(patches) == 1
+    assert re.fullmatch(patches[0]["target"]["kind"], "ServiceMonitor")
+    assert re.fullmatch(patches[0]["target"]["kind"], "PrometheusRule")
+
+
+def test_selection_label_changed_in_an_overlay_reaches_both(tmp_path):
+    """What docs/deploy.md tells a kube-prometheus-stack user to do for another release name."""
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(DEPLOY / "base", overlay)],
+        "patches": [{"target": {"group": "monitoring.coreos.com"},
+                     "patch": "- op: replace\n  path: /metadata/labels/release\n  value: monitoring\n"}]}))
+    # kustomize loads bases outside the kustomization's directory only when told to
+    kubectl = need_tool("kubectl", "kustomize")
+    result = subprocess.run([kubectl, "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(overlay)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    objs = _load_all(result.stdout)
+    for kind in CRD_KINDS:
+        assert _by_kind(objs, kind)["metadata"]["labels"]["release"] == "monitoring"
+
+
+def test_lsm_unconfined_overlay_lifts_selinux_and_apparmor_only():
+    base = _agent_container(_kustomize(DEPLOY / "base"))
+    objs = _kustomize(DEPLOY / "overlays" / "lsm-unconfined")
+    template = _by_kind(objs, "DaemonSet")["spec"]["template"]
+    container = _agent_container(objs)
+    assert container["securityContext"]["seLinuxOptions"] == {"type": "spc_t"}
+    assert template["metadata"]["annotations"] == {
+        f"container.apparmor.security.beta.kubernetes.io/{container['name']}": "unconfined"}
+    lifted = dict(container["securityContext"])
+    del lifted["seLinuxOptions"]
+    assert lifted == base["securityContext"], "the overlay must change only the LSM confinement"
+
+
+def test_no_usr_src_overlay_drops_only_that_mount():
+    base = _by_kind(_kustomize(DEPLOY / "base"), "DaemonSet")["spec"]["template"]["spec"]
+    spec = _by_kind(_kustomize(DEPLOY / "overlays" / "no-usr-src"), "DaemonSet")["spec"]["template"]["spec"]
+    assert "/usr/src" not in {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert {v["name"] for v in base["volumes"]} - {v["name"] for v in spec["volumes"]} == {"usr-src"}
+    assert len(spec["containers"][0]["volumeMounts"]) == len(base["containers"][0]["volumeMounts"]) - 1
+
+
+def test_daemonset_priority_and_termination_message():
+    spec = _by_kind(_raw_objects(), "DaemonSet")["spec"]["template"]["spec"]
+    assert spec["priorityClassName"] == "system-node-critical"
+    # `run` exits 1 with one line saying why: kubectl describe pod shows it.
+    assert spec["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_service_keeps_not_ready_agents_as_targets():
+    """While BCC compiles (or after capture died) /metrics says virtio_agent_ready 0: the target must stay."""
+    assert _by_kind(_raw_objects(), "Service")["spec"]["publishNotReadyAddresses"] is True
 
 
 def _agent_container(objs: list[dict]) -> dict:
@@ -151,6 +237,14 @@ def test_daemonset_mounts_what_bcc_needs_read_only():
         mount = mounts[host_path]
         assert mount["readOnly"] is True
         assert volumes[mount["name"]]["hostPath"]["path"] == host_path
+    # Kernel headers may be missing on a node: no type check, so the pod still starts (and says why
+    # it cannot compile, or uses CONFIG_IKHEADERS); never created by the kubelet for a read-only mount.
+    for host_path in ("/lib/modules", "/usr/src"):
+        assert volumes[mounts[host_path]["name"]]["hostPath"]["type"] == ""
+    for mount in container["volumeMounts"]:
+        volume = volumes[mount["name"]]
+        if mount.get("readOnly") and "hostPath" in volume:
+            assert volume["hostPath"].get("type", "") not in ("DirectoryOrCreate", "FileOrCreate"), mount
     assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -84,8 +83,7 @@ BUILD = BuildInfo("0.1.0", "3.11.2", "0.26.0")
 
 def test_device_metrics_follow_the_snapshot():
     snap = make_snapshot()
-    r = scrape(AgentCollector(lambda: snap, EpisodeHistograms(), stuck_after_s=60,
-                              build_info=BUILD))
+    r = scrape(AgentCollector(lambda: snap, EpisodeHistograms(), stuck_after_s=60))
     s = r["samples"]
     a = dict(vm="web-1", namespace="prod", device="pci-0000:00:03.0")
     assert value(s, "virtio_device_info", type="net", transport="pci-modern", ifname="",
@@ -113,14 +111,35 @@ def test_device_metrics_follow_the_snapshot():
     assert value(s, "virtio_agent_devices") == 3
     assert value(s, "virtio_agent_evictions_total", what="device") == 4
     assert value(s, "virtio_agent_evictions_total", what="vm") == 0
+    assert not [k for k in s if k[0] in ("virtio_agent_build_info", "virtio_agent_ready")]
+
+
+def test_build_info_and_readiness_are_served_before_the_agent_exists():
+    """From the first scrape (BPF still compiling): build info, and ready 0 until the ready
+    function says otherwise; a failing ready function reads as not ready."""
+    from agent.export.metrics import AgentStatusCollector
+
+    state = {"ready": False}
+
+    def ready():
+        if state["ready"] is None:
+            raise RuntimeError("health check broke")
+        return state["ready"]
+
+    c = AgentStatusCollector(ready, build_info=BUILD)
+    s = scrape(c)["samples"]
     assert value(s, "virtio_agent_build_info", version="0.1.0", python="3.11.2", bcc="0.26.0") == 1
+    assert value(s, "virtio_agent_ready") == 0
+    state["ready"] = True
+    assert value(scrape(c)["samples"], "virtio_agent_ready") == 1
+    state["ready"] = None
+    assert value(scrape(c)["samples"], "virtio_agent_ready") == 0
 
 
 def test_stuck_flag_from_correlation_counts_even_below_threshold():
     snap = make_snapshot()
     snap.devices[1].open_episode.stuck = True
-    s = scrape(AgentCollector(lambda: snap, EpisodeHistograms(), stuck_after_s=600,
-                              build_info=BUILD))["samples"]
+    s = scrape(AgentCollector(lambda: snap, EpisodeHistograms(), stuck_after_s=600))["samples"]
     assert value(s, "virtio_devices_stuck") == 1
     assert value(s, "virtio_device_stuck", vm="web-1", namespace="prod", device="pio-0xc040") == 1
 
@@ -136,8 +155,11 @@ def test_every_documented_metric_is_exported():
                       map_entries={"watch": 1}, map_capacity={"watch": 4096})
     from agent.net.outage import NetOutageTracker   # the run loop's virtio-net families
 
-    text = scrape(AgentCollector(make_snapshot, h, lambda: stats, build_info=BUILD,
+    from agent.export.metrics import AgentStatusCollector
+
+    text = scrape(AgentCollector(make_snapshot, h, lambda: stats,
                                  extra_families_fn=NetOutageTracker().families))["text"]
+    text += scrape(AgentStatusCollector(lambda: True, build_info=BUILD))["text"]
     exported = set()
     for fam in text_string_to_metric_families(text):
         exported.add(fam.name if fam.type != "counter" else fam.name + "_total")
@@ -149,7 +171,7 @@ def test_an_episode_without_a_known_config_interrupt_observes_no_notify_phase():
     ep = recovered()
     ep.evidence, ep.guest_saw_ns = Evidence.STATUS_READ, ep.start_ns
     h.observe(EpisodeEnded(ep))
-    s = scrape(AgentCollector(lambda: None, h, build_info=BUILD))["samples"]
+    s = scrape(AgentCollector(lambda: None, h))["samples"]
     assert value(s, "virtio_recovery_phase_duration_seconds_count", phase="notify") == 0
     assert value(s, "virtio_recovery_phase_duration_seconds_count", phase="react") == 1
 
@@ -164,7 +186,7 @@ def test_histograms_cover_recovered_episodes_only():
                         outcome=Outcome.ABANDONED)
     h.observe(EpisodeEnded(abandoned))
     h.observe(EpisodeStuck(recovered()))   # not an end: ignored
-    s = scrape(AgentCollector(lambda: None, h, build_info=BUILD))["samples"]
+    s = scrape(AgentCollector(lambda: None, h))["samples"]
     net = dict(type="net", transport="pci-modern")
     assert value(s, "virtio_recovery_duration_seconds_count", **net) == 2
     assert value(s, "virtio_recovery_duration_seconds_sum", **net) == pytest.approx(0.2035)
@@ -189,7 +211,7 @@ def test_unknown_label_values_are_folded():
     snap.violations[(VM_A, "made_up_rule")] = 7
     h = EpisodeHistograms()
     h.observe(EpisodeEnded(recovered(type_="zzz", transport="yyy")))
-    s = scrape(AgentCollector(lambda: snap, h, build_info=BUILD))["samples"]
+    s = scrape(AgentCollector(lambda: snap, h))["samples"]
     assert value(s, "virtio_device_info", vm="web-1", namespace="prod", device="pci-0000:00:03.0",
                  type="unknown", transport="unknown", ifname="") == 1
     assert value(s, "virtio_spec_violations_total", vm="web-1", namespace="prod",
@@ -206,7 +228,7 @@ def test_same_vm_name_twice_gives_one_series_newest_instance():
                                    needs_reset_total=99))
     snap.violations[(old, Rule.NEEDS_RESET_WITHOUT_NOTIFY)] = 3
     snap.violations[(VM_A, Rule.NEEDS_RESET_WITHOUT_NOTIFY)] = 4
-    r = scrape(AgentCollector(lambda: snap, EpisodeHistograms(), build_info=BUILD))
+    r = scrape(AgentCollector(lambda: snap, EpisodeHistograms()))
     s = r["samples"]
     a = dict(vm="web-1", namespace="prod", device="pci-0000:00:03.0")
     assert value(s, "virtio_device_needs_reset_total", **a) == 3
@@ -220,7 +242,7 @@ def test_vm_without_name_is_labelled_by_pid():
     snap = Snapshot(now_ns=S, devices=[DeviceView(vm=anon, device="d", type="net",
                                                   transport="mmio", status=0)],
                     violations={}, episodes_ended={}, vms=1, evictions={})
-    s = scrape(AgentCollector(lambda: snap, EpisodeHistograms(), build_info=BUILD))["samples"]
+    s = scrape(AgentCollector(lambda: snap, EpisodeHistograms()))["samples"]
     assert value(s, "virtio_device_status", vm="pid-4242", namespace="", device="d") == 0
 
 
@@ -229,8 +251,7 @@ def test_self_stats_and_defaults():
                       events={"access": 12, "msi": 3}, filtered={"repeat": 40},
                       lost={"ringbuf_full": 2}, map_entries={"watch_regs": 7},
                       map_capacity={"watch_regs": 4096})
-    s = scrape(AgentCollector(lambda: None, EpisodeHistograms(), lambda: stats,
-                              build_info=BUILD))["samples"]
+    s = scrape(AgentCollector(lambda: None, EpisodeHistograms(), lambda: stats))["samples"]
     assert value(s, "virtio_agent_hook_attached", hook="vhost") == 0
     assert value(s, "virtio_agent_hook_attached", hook="mmio") == 1
     assert value(s, "virtio_agent_events_total", kind="access") == 12
@@ -249,14 +270,13 @@ def test_self_stats_and_defaults():
 
 def test_bpf_run_stats_in_seconds():
     stats = SelfStats(prog_run_time_ns={"tp_mmio": 2_500_000_000}, prog_run_count={"tp_mmio": 9})
-    s = scrape(AgentCollector(lambda: None, EpisodeHistograms(), lambda: stats,
-                              build_info=BUILD))["samples"]
+    s = scrape(AgentCollector(lambda: None, EpisodeHistograms(), lambda: stats))["samples"]
     assert value(s, "virtio_agent_bpf_run_time_seconds_total", prog="tp_mmio") == 2.5
     assert value(s, "virtio_agent_bpf_run_count_total", prog="tp_mmio") == 9
 
 
 def test_scrape_duration_reports_the_previous_scrape():
-    c = AgentCollector(make_snapshot, EpisodeHistograms(), build_info=BUILD)
+    c = AgentCollector(make_snapshot, EpisodeHistograms())
     first = scrape(c)["samples"]
     assert value(first, "virtio_agent_scrape_duration_seconds") == 0
     second = scrape(c)["samples"]
@@ -267,19 +287,21 @@ def test_openmetrics_exposition_parses():
     h = EpisodeHistograms()
     h.observe(EpisodeEnded(recovered()))
     reg = CollectorRegistry()
-    reg.register(AgentCollector(make_snapshot, h, build_info=BUILD))
+    reg.register(AgentCollector(make_snapshot, h))
     fams = {f.name: f for f in parse_om(generate_openmetrics(reg).decode())}
     assert fams["virtio_recovery_duration_seconds"].type == "histogram"
     assert fams["virtio_device_needs_reset"].type == "counter"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_check_metrics_passes():
+    from conftest import require_tool
+
+    promtool = require_tool("promtool", "Debian package prometheus")
     h = EpisodeHistograms()
     h.observe(EpisodeEnded(recovered()))
     stats = SelfStats(hooks={"mmio": True}, events={"access": 1}, map_entries={"m": 1},
                       map_capacity={"m": 2}, prog_run_time_ns={"p": 5}, prog_run_count={"p": 1})
-    text = scrape(AgentCollector(make_snapshot, h, lambda: stats, build_info=BUILD))["text"]
-    proc = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True,
+    text = scrape(AgentCollector(make_snapshot, h, lambda: stats))["text"]
+    proc = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

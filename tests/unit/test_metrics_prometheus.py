@@ -8,13 +8,20 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
-from agent.export.metrics import AgentCollector, BuildInfo, EpisodeHistograms
+from agent.export.metrics import AgentCollector, AgentStatusCollector, BuildInfo, EpisodeHistograms
 from agent.model import EpisodeEnded, Outcome, Transport
 from agent.export.server import MetricsServer
 from tests.promlab import PromLab
 from tests.unit.test_metrics import make_snapshot, recovered
 
-pytestmark = pytest.mark.skipif(PromLab.problem() is not None, reason=str(PromLab.problem()))
+
+@pytest.fixture(autouse=True)
+def _prometheus() -> None:
+    problem = PromLab.problem()
+    if problem:
+        from conftest import missing
+
+        missing(problem)
 
 
 def test_promql_sees_counts_and_histogram():
@@ -25,8 +32,7 @@ def test_promql_sees_counts_and_histogram():
         hist.observe(EpisodeEnded(recovered(ok=d, device=f"pci-0000:00:0{i}.0")))
     hist.observe(EpisodeEnded(recovered(ok=0.05, type_="blk", transport=Transport.MMIO)))
     reg = CollectorRegistry()
-    reg.register(AgentCollector(lambda: snap, hist,
-                                build_info=BuildInfo("0.1.0", "3.11", "none")))
+    reg.register(AgentCollector(lambda: snap, hist))
     srv = MetricsServer(reg, "127.0.0.1:0").start()
     try:
         with PromLab([f"127.0.0.1:{srv.port}"]) as prom:
@@ -58,13 +64,15 @@ def test_promql_sees_counts_and_histogram():
 
 def test_unknown_snapshot_before_correlation_is_still_scrapable():
     reg = CollectorRegistry()
-    reg.register(AgentCollector(lambda: None, EpisodeHistograms(),
-                                build_info=BuildInfo("0.1.0", "3.11", "none")))
+    reg.register(AgentCollector(lambda: None, EpisodeHistograms()))
+    reg.register(AgentStatusCollector(lambda: False, build_info=BuildInfo("0.1.0", "3.11", "none")))
     srv = MetricsServer(reg, "127.0.0.1:0").start()
     try:
         with PromLab([f"127.0.0.1:{srv.port}"]) as prom:
             prom.wait_for_target_up()
             assert prom.query_value("virtio_agent_devices") == 0
+            assert prom.query_value("virtio_agent_ready") == 0
+            assert prom.query_value('virtio_agent_build_info{version="0.1.0"}') == 1
     finally:
         srv.close()
 

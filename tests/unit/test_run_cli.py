@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pwd
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +57,13 @@ def test_env_vars_set_defaults_and_flags_win(monkeypatch):
     (["--hooks", "mmio,teleport"], "unknown hook family teleport"),
     (["--max-devices", "-1"], "positive"),
     (["--hooks", "msi,apic"], "needs mmio or pio"),
+    (["--max-devices", "99999999999999999999"], "'99999999999999999999' is too large"),
+    (["--max-vms", "16385"], "at most 16384"),
+    (["--stuck-after", "nan"], "positive number of seconds"),
+    (["--stuck-after", "1e300"], "at most"),
+    (["--retain-exited", "inf"], "at most"),
+    (["--state-file", "/nonexistent/dir/state.json"], "directory /nonexistent/dir does not exist"),
+    (["--state-file", "/tmp"], "is a directory"),
 ])
 def test_bad_flags_exit_2_with_a_reason(argv, fragment, monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -65,11 +72,40 @@ def test_bad_flags_exit_2_with_a_reason(argv, fragment, monkeypatch, capsys):
     assert fragment in capsys.readouterr().err
 
 
-def test_bad_env_var_is_reported_like_a_flag(monkeypatch, capsys):
+def test_bad_env_var_is_reported_by_its_name_and_value(monkeypatch, capsys):
     with pytest.raises(SystemExit) as exc:
         parse([], {"VRA_MAX_VMS": "many"}, monkeypatch)
     assert exc.value.code == 2
-    assert "--max-vms" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--max-vms" in err and "VRA_MAX_VMS='many'" in err and "not an integer" in err
+
+
+@pytest.mark.parametrize("var,value,fragment", [
+    ("VRA_MAX_DEVICES", "99999999999999999999", "too large"),
+    ("VRA_STATE_FILE", "/nonexistent/dir/state.json", "/nonexistent/dir does not exist"),
+    ("VRA_STUCK_AFTER", "-1", "positive number of seconds"),
+])
+def test_bad_env_values_name_the_variable(var, value, fragment, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse([], {var: value}, monkeypatch)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"environment variable {var}={value!r}" in err and fragment in err
+
+
+def test_a_flag_wins_over_a_bad_variable(monkeypatch):
+    a = parse(["--max-devices", "10"], {"VRA_MAX_DEVICES": "99999999999999999999"}, monkeypatch)
+    assert a.max_devices == 10 and type(a.max_devices) is int
+
+
+def test_the_state_file_parent_is_never_created(monkeypatch, tmp_path, capsys):
+    missing_dir = tmp_path / "not" / "there"
+    with pytest.raises(SystemExit):
+        parse(["--state-file", str(missing_dir / "state.json")], monkeypatch=monkeypatch)
+    assert not (tmp_path / "not").exists()
+    a = parse(["--state-file", str(tmp_path / "state.json")], monkeypatch=monkeypatch)
+    assert a.state_file == str(tmp_path / "state.json")
+    assert parse(["--state-file", ""], monkeypatch=monkeypatch).state_file == ""
 
 
 def test_help_names_every_env_var(capsys):
@@ -123,24 +159,32 @@ def _nobody() -> pwd.struct_passwd | None:
         return None
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or _nobody() is None or shutil.which("setpriv") is None,
-                    reason="needs root (to drop to nobody) and setpriv")
 def test_not_root_is_one_line_pointing_to_doctor():
+    from conftest import missing, require_root, require_tool
+
+    require_root("to run the agent as the user nobody")
+    setpriv = require_tool("setpriv", "Debian package util-linux")
     nobody = _nobody()
+    if nobody is None:
+        missing("this host has no user `nobody` to run the agent as")
     proc = subprocess.run(
-        ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
+        [setpriv, f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}", "--clear-groups",
          sys.executable, "-m", "agent", "run", "--listen", "127.0.0.1:0"],
         cwd=ROOT, capture_output=True, text=True, timeout=60,
         env={**os.environ, "HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"})
     assert proc.returncode == 1, proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("run:")]
+    # every stderr line is a JSON log record (a non-JSON one fails json.loads here)
+    records = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]
+    lines = [r["msg"] for r in records if r["msg"].startswith("run:")]
     assert len(lines) == 1, proc.stderr
     assert "root" in lines[0] and "doctor" in lines[0]
 
 
 def test_port_in_use_is_a_clear_error(monkeypatch):
     if run.privilege_problem():
-        pytest.skip(f"run cannot start here: {run.privilege_problem()}")
+        from conftest import missing
+
+        missing(f"run cannot start here: {run.privilege_problem()}")
     import socket
 
     with socket.socket() as s:
