@@ -145,7 +145,19 @@ def run_round(agent: AgentProcess, round_no: int) -> dict:
     finally:
         for _, vm in storms:
             vm.kill()
-    time.sleep(0.6)  # reorder window + tick: exits processed
+    # exits processed (a condition, not a fixed sleep: a busy host takes longer): none of this
+    # round's series left (--retain-exited 0), every recovered guest episode logged
+    from tests.lab.scrape import wait_until
+
+    def settled() -> bool:
+        text = agent.metrics_text()
+        if any(s.labels.get("vm", "").startswith(PREFIX) for s in samples(text)):
+            return False
+        records = agent.records()
+        return all(len([r for r in records if r["vm"] == n and r["outcome"] == "recovered"])
+                   >= sum(e.driver_ok_ns is not None for e in r_.episodes)
+                   for n, r_ in [(name, result), *storm_results.items()])
+    wait_until(f"round {round_no}'s exits processed", settled)
     return {"measured": (name, result), "storms": storm_results,
             "peak_device_series": peak_device_series}
 

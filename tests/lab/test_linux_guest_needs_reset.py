@@ -147,7 +147,10 @@ def test_set_link_config_change_is_not_needs_reset(agent):
             after = virtio_status(c, net.path)
         assert after.isr & 0x2 and not after.broken and not after.needs_reset
         wait_until("the rng stuck", lambda: value(agent, "virtio_device_stuck", vm=name) == 1)
-        time.sleep(1.5)     # well past the suspicion window after the last set_link
+        wait_until("the rng's VMM query answered", lambda: vmm_queries(agent) >= queries0 + 1)
+        # what must NOT happen (a suspicion of net0, a second query) gets the suspicion window
+        # after the last set_link to show; then the counts are exact
+        time.sleep(1.5)
         info = {lab["device"]: lab["type"] for lab, _ in samples(agent, "virtio_device_info",
                                                                   vm=name)}
         stuck = {lab["device"] for lab, v in samples(agent, "virtio_device_stuck", vm=name)}
@@ -176,7 +179,9 @@ def test_a_clean_guest_costs_no_qmp_query(agent):
     queries0 = vmm_queries(agent)
     run(GuestSpec(transport="modern", scenario="init", qmp=True, start_delay_ms=300,
                   extra_args=("-name", name) + NET_ARGS))
-    time.sleep(1.5)
+    wait_until("the clean VM's resets counted", lambda: value(
+        agent, "virtio_device_resets_total", vm=name) >= 2)
+    time.sleep(1.5)     # what must NOT happen (a suspicion, a query) gets the window to show
     assert len(samples(agent, "virtio_device_info", vm=name)) == 2   # kept after the exit
     assert value(agent, "virtio_device_resets_total", vm=name) >= 2
     assert samples(agent, "virtio_device_needs_reset_suspected", vm=name) == []
