@@ -263,7 +263,8 @@ class PciFunction:
         out = []
         ptr = self._get(CAP_PTR, 1)
         seen = set()
-        while ptr and ptr >= 0x40 and ptr not in seen and len(out) < 48:
+        # the two low bits of a pointer are reserved: mask them before the loop check
+        while ptr and (ptr & 0xFC) >= 0x40 and (ptr & 0xFC) not in seen and len(out) < 48:
             ptr &= 0xFC
             seen.add(ptr)
             cap_id = self._get(ptr, 1)

@@ -7,6 +7,7 @@ The tests at the bottom check the builder itself.
 from __future__ import annotations
 
 import heapq
+from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
@@ -45,6 +46,7 @@ class Script:
         self.events: list[E.Event] = []
         self.episodes: list[Truth] = []
         self.violations: list[tuple[str, str, str]] = []   # (vm name, device, rule)
+        self.failures: Counter = Counter()                   # (vm name, device) -> FAILED set
 
     def step(self, gap: int | None = None) -> int:
         self.t += (self.gap if gap is None else gap) * self.unit
@@ -165,12 +167,15 @@ class Dev:
 
     # driver behaviour
     def init(self) -> int:
-        """Reset and initialise like a Linux driver: write 0, read 0, then each step."""
+        """Reset and initialise like a Linux driver: write 0, read 0, then each step; after
+        FEATURES_OK, re-read the status to check the device kept it (virtio 1.x 3.1.1 step 6)."""
         self.write(0)
         self.read(0)
         ts = 0
         for v in self.init_values[1:]:
             ts = self.write(v)
+            if v & E.FEATURES_OK and not v & E.DRIVER_OK:
+                self.read(v)
         return ts
 
     def config_interrupt(self, gap: int | None = None) -> int:
@@ -209,6 +214,9 @@ class Dev:
         return self.init()
 
     def fail(self) -> int:
+        """The driver gives up (sets FAILED); a driver may write it again: one failure."""
+        if not self.status & E.FAILED:
+            self.s.failures[(self.vm.name, self.id)] += 1
         return self.write(self.status | E.FAILED)
 
     def reinit_without_reset(self) -> None:

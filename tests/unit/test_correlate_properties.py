@@ -20,7 +20,7 @@ UNIT = 64                      # scripts step in multiples of this, offset by th
 WINDOW = 2 * MS
 TRANSPORTS = (Transport.PCI_MODERN, Transport.PCI_LEGACY, Transport.MMIO)
 ACTIONS = ("reset", "episode", "episode_silent", "episode_open", "fail", "reinit_no_reset",
-           "wait")
+           "wait", "fail_twice")
 
 
 def build(data, allow_misbehaviour: bool = True):
@@ -29,6 +29,9 @@ def build(data, allow_misbehaviour: bool = True):
     hints = []
     preamble = Script(t0=10 * UNIT, gap=1, unit=UNIT)
     n_vms = data.draw(st.integers(1, 3), label="vms")
+    # ties: the devices' scripts start together, so events of different devices (and VMs) can
+    # share a timestamp, as two vCPUs' exits can
+    ties = data.draw(st.booleans(), label="ties")
     pids = data.draw(st.lists(st.integers(100, 104), min_size=n_vms, max_size=n_vms), label="pids")
     idx = 1
     seen_pids: Counter = Counter()
@@ -41,7 +44,7 @@ def build(data, allow_misbehaviour: bool = True):
         vm_for_preamble = preamble.vm(pid, name, start_time=1000 + v)
         n_devs = data.draw(st.integers(1, 3), label="devices")
         for d in range(n_devs):
-            s = Script(t0=1_000 * MS + idx, gap=10 * US_STEPS, unit=UNIT)
+            s = Script(t0=1_000 * MS + (0 if ties else idx), gap=10 * US_STEPS, unit=UNIT)
             idx += 1
             transport = data.draw(st.sampled_from(TRANSPORTS), label="transport")
             irq = data.draw(st.sampled_from(("vector", "gsi", "none")), label="irq")
@@ -77,6 +80,10 @@ def build(data, allow_misbehaviour: bool = True):
                     dev.needs_reset()
                     break
                 elif a == "fail":
+                    dev.fail()
+                    dev.init()
+                elif a == "fail_twice":
+                    dev.fail()
                     dev.fail()
                     dev.init()
                 elif a == "reinit_no_reset":
@@ -167,6 +174,10 @@ def test_episodes_and_violations_match_the_script_exactly(data):
     got = Counter((o.vm.name, o.device, o.rule) for o in out if isinstance(o, Violation))
     want = Counter(v for s in scripts for v in s.violations)
     assert got == want
+    failures = sum((s.failures for s in scripts), Counter())
+    views = c.snapshot(events[-1].ts_ns).devices
+    assert {(v.vm.name, v.device): v.failed_total for v in views if v.failed_total} == \
+        dict(failures)
     assert not any(isinstance(o, EpisodeStuck) for o in out)
     check_sane(c, out, events[-1].ts_ns)
 
@@ -184,7 +195,14 @@ def test_reordering_within_the_window_changes_nothing(data):
                                                         else rnd.randrange(WINDOW)))
     c = Correlator(config(hints))
     out = feed_all(c, delivered)
-    assert [o for o in out if not watch(o)] == [o for o in in_order if not watch(o)]
+    got, want = [o for o in out if not watch(o)], [o for o in in_order if not watch(o)]
+    if len({e.ts_ns for e in events}) == len(events):
+        assert got == want
+    else:
+        # events at the same timestamp arrive in either order: devices are then found in
+        # another order, and what one event ends for several devices (a VM exit) comes out in
+        # that order. The outputs are the same; only their order within such a group may differ
+        assert sorted(map(repr, got)) == sorted(map(repr, want))
     assert watched(out) == watched(in_order)
     assert c.stats()["late_events"] == 0
 
