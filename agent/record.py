@@ -1,6 +1,6 @@
 """Capture decoded kernel events to a JSON-lines file (the input of `replay`).
 
-Runs the BPF capture until --duration elapses or Ctrl-C, writing one agent.events JSON object
+Runs the BPF capture until --duration elapses, Ctrl-C or SIGTERM, writing one agent.events JSON object
 per line. The first event of each VMM is preceded by its VmStarted (name, namespace, uuid from
 /proc; never the command line), so replayed episodes carry VM names. --watch-status SPACE:ADDR marks a status register as watched (for every --pid, and
 for every VMM seen if no --pid is given) so it is forwarded on every change instead of going
@@ -9,6 +9,7 @@ through the rate-limited discovery path. --pid keeps only those VMMs' events.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from typing import Optional
@@ -92,8 +93,14 @@ class Recorder:
             self.apply_watches(pid)
         written = 0
         deadline = None if duration is None else time.monotonic() + duration
+        # SIGINT and SIGTERM set a flag: a KeyboardInterrupt raised while BCC runs the
+        # ring-buffer callback is swallowed by ctypes ("Exception ignored on calling ctypes
+        # callback function"), and the recorder would then never stop
+        stop: list[int] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: stop.append(signum))
         try:
-            while deadline is None or time.monotonic() < deadline:
+            while not stop and (deadline is None or time.monotonic() < deadline):
                 for ev in self.cap.poll(100):
                     if self.pids and ev.pid not in self.pids:
                         self.skipped_other_pid += 1

@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from agent.events import Op, ProcessExit, RegisterAccess, VmStarted, from_json
 from lab.harness import GuestSpec, LabVM, run
+from tests.lab.scrape import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_doctor_matches_the_machine(bpf, capsys):
@@ -70,3 +79,27 @@ def test_record_writes_the_guest_handshake_as_json_lines(bpf, tmp_path):
     (episode,) = result.episodes
     assert any(isinstance(e, RegisterAccess) and e.op == Op.READ
                and e.value == episode.needs_reset_status for e in mine)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_record_stops_on_a_signal_even_with_sigint_ignored_at_start(bpf, tmp_path, stop):
+    """A shell without job control starts background commands with SIGINT ignored, and a
+    KeyboardInterrupt raised in BCC's ring-buffer callback would be swallowed by ctypes: the
+    recorder must stop on the signal itself, drain, and print its summary."""
+    out, err = tmp_path / "events.jsonl", tmp_path / "record.err"
+    with open(err, "wb") as errf:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "record", "-o", str(out), "--pid", "1"],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_until("the recorder's hooks", lambda: "hook mmio: attached" in err.read_text(),
+                   timeout_s=120, every_s=0.1)
+        proc.send_signal(stop)
+        assert proc.wait(timeout=60) == 0, err.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert [ln for ln in err.read_text().splitlines() if ln.startswith("record: ")], \
+        err.read_text()
