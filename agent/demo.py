@@ -348,8 +348,7 @@ def demo_specs():
         # -S: paused until the demo asked QEMU for its devices (qemu_virtio_devices)
         return name, GuestSpec(extra_args=("-name", name, "-S"), qmp=True, **kw)
 
-    # fault_delay_ms: a running guest does not fault again within milliseconds of recovering;
-    # it gives the agent time to watch the config vector it learnt (docs/correlation.md)
+    # fault_delay_ms: a running guest does not fault again within milliseconds of recovering
     recover = [
         named("demo-modern-fast", transport="modern", scenario="recover", repeat=3, delay_ms=1,
               fault_delay_ms=250),
