@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from agent.events import Register, Space, to_json
 from agent.model import WatchInterrupt, WatchRegister
@@ -88,17 +89,12 @@ class Recorder:
         out.write(to_json(ev) + "\n")
         return lines + 1
 
-    def run(self, out, duration: Optional[float]) -> int:
+    def run(self, out, duration: Optional[float], stop: Sequence[int] = ()) -> int:
+        """Until `duration` elapses or `stop` (signals received) is not empty."""
         for pid in self.pids:
             self.apply_watches(pid)
         written = 0
         deadline = None if duration is None else time.monotonic() + duration
-        # SIGINT and SIGTERM set a flag: a KeyboardInterrupt raised while BCC runs the
-        # ring-buffer callback is swallowed by ctypes ("Exception ignored on calling ctypes
-        # callback function"), and the recorder would then never stop
-        stop: list[int] = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda signum, _frame: stop.append(signum))
         try:
             while not stop and (deadline is None or time.monotonic() < deadline):
                 for ev in self.cap.poll(100):
@@ -121,6 +117,16 @@ class Recorder:
 def main(args: argparse.Namespace) -> int:
     from agent.capture import Capture, CaptureError
 
+    # SIGINT and SIGTERM set a flag, from the start (a signal during the compile must not kill
+    # the recorder before its summary): a KeyboardInterrupt raised while BCC runs the
+    # ring-buffer callback is swallowed by ctypes ("Exception ignored on calling ctypes callback
+    # function"), and a background command of a shell without job control starts with SIGINT
+    # ignored. Handlers can only be set from the main thread: run in another one, the recorder
+    # stops at --duration.
+    stop: list[int] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda signum, _frame: stop.append(signum))
     hooks = None if args.hooks is None else {h for h in args.hooks.split(",") if h}
     try:
         cap = Capture(hooks=hooks, ringbuf_pages=args.ringbuf_pages)
@@ -143,7 +149,7 @@ def main(args: argparse.Namespace) -> int:
         rec = Recorder(cap, args.pid, args.watch_status, args.watch_vector, args.watch_gsi)
         out = sys.stdout if args.output == "-" else open(args.output, "w")
         try:
-            written = rec.run(out, args.duration)
+            written = rec.run(out, args.duration, stop)
         finally:
             if out is not sys.stdout:
                 out.close()
