@@ -328,6 +328,20 @@ static __always_inline u32 interval_units(void)
     return u ? u : 1;
 }
 
+// the shape of an MMIO status access: modern common cfg device_status (1 byte), or virtio-mmio
+// Status (32-bit at base + 0x70; bases are 0x200-aligned)
+static __always_inline int mmio_status_shaped(u64 addr, u32 size)
+{
+    return size == 1 || (size == 4 && (addr & 0x1ff) == 0x70);
+}
+
+// the shape of a queue kick: modern virtio-pci notify is a 16-bit write of the queue index,
+// virtio-mmio QueueNotify a 32-bit write at +0x50
+static __always_inline int mmio_kick_shaped(u8 op, u64 addr, u32 size)
+{
+    return op == OP_WRITE && (size == 2 || (size == 4 && (addr & 0x1ff) == 0x50));
+}
+
 // does an unwatched access look like a virtio status register access?
 static __always_inline int is_candidate(u32 space, u64 addr, u32 size, u64 value)
 {
@@ -335,10 +349,7 @@ static __always_inline int is_candidate(u32 space, u64 addr, u32 size, u64 value
         return 0;   // not a status value (0x10 and 0x20 are reserved)
     if (space == SPACE_PIO)     // legacy virtio-pci status: 1 byte at I/O BAR + 18
         return size == 1 && addr >= cfg(CFG_PIO_MIN_PORT);
-    if (size == 1)
-        return 1;   // modern common cfg device_status
-    // virtio-mmio Status is 32-bit at base + 0x70; bases are 0x200-aligned
-    return size == 4 && (addr & 0x1ff) == 0x70;
+    return mmio_status_shaped(addr, size);
 }
 
 static __always_inline void handle_notify(u64 gpa, struct watch_val *w);
@@ -591,12 +602,10 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
                 return;
             }
         }
-        // queue kicks: modern virtio-pci notify is a 16-bit write of the queue index (an
-        // ioeventfd; kvm_fast_mmio where KVM has that path, else here), virtio-mmio QueueNotify
-        // a 32-bit write at +0x50. Other 16-bit writes (queue setup) pass here too: correlation
-        // ignores addresses it cannot place; the activity bucket bounds them all.
-        if (space == SPACE_MMIO && op == OP_WRITE &&
-            (size == 2 || (size == 4 && (addr & 0x1ff) == 0x50))) {
+        // queue kicks (an ioeventfd: kvm_fast_mmio where KVM has that path, else here). Other
+        // 16-bit writes (queue setup) pass here too: correlation ignores addresses it cannot
+        // place; the activity bucket bounds them all.
+        if (space == SPACE_MMIO && mmio_kick_shaped(op, addr, size)) {
             handle_notify(addr, 0);
             return;
         }
@@ -686,14 +695,10 @@ static __always_inline int irq_interesting(u32 kind, u32 num)
 
 // An MMIO access nothing can concern, decided from gpa and len before the value is read or a
 // map looked up: outside the watched, ECAM and device-BAR spans, and shaped neither like a kick
-// (2-byte write, 4-byte write at +0x50) nor like a status access (1 byte, 4 bytes at +0x70).
-// Keep in step with handle_access, is_candidate and handle_notify.
+// nor like a status access (handle_access's paths for an unwatched access).
 static __always_inline int mmio_outside(u8 op, u32 len, u64 gpa)
 {
-    u32 low = gpa & 0x1ff;
-    if (len == 1 || (len == 4 && (low == 0x70 || (op == OP_WRITE && low == 0x50))))
-        return 0;
-    if (op == OP_WRITE && len == 2)
+    if (mmio_status_shaped(gpa, len) || mmio_kick_shaped(op, gpa, len))
         return 0;
     if (gpa >= cfg(CFG_WATCH_LO) && gpa < cfg(CFG_WATCH_HI))
         return 0;
