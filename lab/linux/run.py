@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from agent import events as E
 from agent.correlate import Correlator, CorrelatorConfig
@@ -93,6 +93,20 @@ def _needs_reset_status(vmm_status: dict[str, Any]) -> bool:
     return any("NEEDS_RESET" in str(n) for n in names)
 
 
+def feed_ticked(c: Correlator, events: Iterable[E.Event],
+                take: Callable[[list], None]) -> None:
+    """Feed `events` to `c`, ticking it every TICK_NS of event time in between as `run`'s poll
+    loop does; the outputs of each call go to take()."""
+    next_tick = None
+    for ev in events:
+        while next_tick is not None and next_tick < ev.ts_ns:
+            take(c.tick(next_tick))
+            next_tick += TICK_NS
+        if next_tick is None:
+            next_tick = ev.ts_ns + TICK_NS
+        take(c.feed(ev))
+
+
 def correlate(events: Iterable[E.Event], vmm: Optional[dict[str, bool]] = None,
               config: Optional[CorrelatorConfig] = None) -> dict[str, Any]:
     """Run events through the real correlation, as `replay` does (feed, flush, let the windows
@@ -100,10 +114,11 @@ def correlate(events: Iterable[E.Event], vmm: Optional[dict[str, bool]] = None,
     NEEDS_RESET, given to Correlator.vmm_status when a suspicion comes (as `run` does)."""
     config = config or CorrelatorConfig()
     c = Correlator(config)
+    events = list(events)
+    last = max((ev.ts_ns for ev in events), default=0)
+    pid = events[-1].pid if events else None
     devices: dict[str, str] = {}
     needs_reset: list[dict[str, Any]] = []
-    last = 0
-    pid = None
 
     def take(outputs: list) -> None:
         for o in outputs:
@@ -115,17 +130,7 @@ def correlate(events: Iterable[E.Event], vmm: Optional[dict[str, bool]] = None,
             elif isinstance(o, EpisodeEnded):
                 needs_reset.append(episode_json(o.episode))
 
-    next_tick = None
-    for ev in events:
-        # time passes between events as it does for `run`, which ticks its correlator
-        while next_tick is not None and next_tick < ev.ts_ns:
-            take(c.tick(next_tick))
-            next_tick += TICK_NS
-        if next_tick is None:
-            next_tick = ev.ts_ns + TICK_NS
-        last = max(last, ev.ts_ns)
-        pid = ev.pid
-        take(c.feed(ev))
+    feed_ticked(c, events, take)
     take(c.flush())
     take(c.tick(last + config.notify_window_ns + config.reorder_window_ns + 1))
     # an exited VM's devices stay in the snapshot (retain_exited_ns); its open episodes ended

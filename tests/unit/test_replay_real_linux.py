@@ -26,6 +26,7 @@ from agent import events as E
 from agent.correlate import Correlator, CorrelatorConfig
 from agent.model import EpisodeEnded, NeedsResetSuspected, Violation
 from agent.replay import parse_line, replay
+from lab.linux.run import feed_ticked   # ticks between events, as `run`'s loop does
 
 FIXTURES = Path(__file__).parent / "fixtures" / "linux"
 DEVICES = ("rng", "net", "blk")
@@ -33,7 +34,6 @@ DEVICES = ("rng", "net", "blk")
 # interrupt (it kicks only past the avail_event QEMU stopped moving)
 FAULTS = [(d, "fault") for d in DEVICES] + [("net", "fault-nokick")]
 RUNS = [(d, "clean") for d in DEVICES] + FAULTS
-TICK_NS = 100_000_000     # `run` ticks its correlator between events; so does this replay
 NEEDS_RESET = 0x40
 
 
@@ -49,14 +49,7 @@ def correlate_ticked(events: list[E.Event]) -> tuple[Correlator, list]:
     cfg = CorrelatorConfig()
     c = Correlator(cfg)
     out: list = []
-    next_tick = None
-    for ev in events:
-        while next_tick is not None and next_tick < ev.ts_ns:
-            out += c.tick(next_tick)
-            next_tick += TICK_NS
-        if next_tick is None:
-            next_tick = ev.ts_ns + TICK_NS
-        out += c.feed(ev)
+    feed_ticked(c, events, out.extend)
     out += c.flush()
     out += c.tick(events[-1].ts_ns + cfg.notify_window_ns + cfg.reorder_window_ns + 1)
     return c, out
@@ -209,14 +202,7 @@ def test_vmm_confirmation_opens_the_episode_at_the_config_interrupt(device, kind
             elif isinstance(o, EpisodeEnded):
                 ended.append(o)
 
-    next_tick = None
-    for ev in events:
-        while next_tick is not None and next_tick < ev.ts_ns:
-            take(c.tick(next_tick))
-            next_tick += TICK_NS
-        if next_tick is None:
-            next_tick = ev.ts_ns + TICK_NS
-        take(c.feed(ev))
+    feed_ticked(c, events, take)
     take(c.flush())
     [s] = suspected
     [ep] = [o.episode for o in ended]
