@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from agent.model import Episode, EpisodeEnded, Outcome, Output, VmIdentity
+from agent.model import Episode, EpisodeEnded, Outcome, Output, VmIdentity, WatchEcam
 from agent.correlate.correlator import Correlator, PciVm, VmState
 from agent.correlate.device import DeviceState
 from agent.correlate.layout import Layout
@@ -88,7 +88,8 @@ def dump(c: Correlator) -> dict[str, Any]:
 def restore(c: Correlator, state: dict[str, Any], alive: Callable[[VmIdentity], bool],
             now_ns: int) -> list[Output]:
     """Rebuild a fresh correlator's VMs and devices from `state`. Returns the outputs to apply:
-    WatchRegister / WatchInterrupt for capture, EpisodeEnded for episodes of VMs gone meanwhile.
+    WatchRegister / WatchInterrupt / WatchEcam / WatchDeviceBars for capture (a restarted
+    agent's kernel maps start empty), EpisodeEnded for episodes of VMs gone meanwhile.
     `alive(identity)`: is that VMM process still the same one (pid and start time)?"""
     if c._vms:
         raise StateError("restore needs a correlator that has seen no VM yet")
@@ -117,9 +118,17 @@ def restore(c: Correlator, state: dict[str, Any], alive: Callable[[VmIdentity], 
             vm = c._new_vm(identity, bool(v["fallback"]), now_ns, out)
             if v.get("pci") is not None:
                 pv = c._pci[identity.pid] = PciVm(_load_model(v["pci"]))
+                if pv.model.ecam is not None:
+                    out.append(WatchEcam(identity.pid, pv.model.ecam[0], pv.model.ecam[1]))
                 for bdf in list(pv.model.functions):
                     c._replan(identity.pid, pv, bdf, out)
+                c._watch_bars(identity.pid, pv, out)
             for dev, d in devices:
+                hinted = vm.devices.get(dev.id)
+                if hinted is not None:
+                    # a hint naming this VM made the device again (_new_vm): the saved one,
+                    # with its episode and interrupts, takes its place
+                    c._remove_device(vm, hinted, now_ns, out)
                 _restore_device(c, vm, dev, d, out)
     except (KeyError, TypeError, ValueError) as exc:
         raise StateError(f"malformed state: {exc!r}") from exc

@@ -79,6 +79,7 @@ class PciVm:
     plans: dict[int, Plan] = field(default_factory=dict)       # bdf -> watched registers
     regs: dict[tuple[str, int], tuple[int, int]] = field(default_factory=dict)  # -> (bdf, reg)
     irqs: set = field(default_factory=set)      # ("vector", n) / ("gsi", n) watched
+    dormant: set = field(default_factory=set)   # bdfs whose device was evicted: plan unwatched
     bars: Optional[tuple[int, int]] = None      # (base, size) of the WatchDeviceBars span
 
 
@@ -272,26 +273,36 @@ class Correlator:
         self._watch_irqs(ev.pid, pv, out)
         return out
 
+    def _wake(self, pid: int, pv: PciVm, bdf: int, out: list[Output]) -> None:
+        """The function of an evicted device is in use again: watch its plan again."""
+        pv.dormant.discard(bdf)
+        for (space, addr), reg in pv.plans.get(bdf, {}).items():
+            if needs_watch(reg):
+                out.append(WatchRegister(pid, space, addr, reg))
+        self._watch_irqs(pid, pv, out)
+
     def _replan(self, pid: int, pv: PciVm, bdf: int, out: list[Output]) -> None:
+        if bdf in pv.dormant:
+            self._wake(pid, pv, bdf, out)
         v = pv.model.virtio(bdf)
         plan = watch_plan(v) if v is not None and layout_of(v) is not None else {}
         old = pv.plans.get(bdf, {})
-        if plan == old:
-            return
-        for key, reg in old.items():
-            if plan.get(key) != reg:
-                pv.regs.pop(key, None)
-                if key not in plan and needs_watch(reg):
-                    out.append(WatchRegister(pid, key[0], key[1], reg, add=False))
-        for key, reg in plan.items():
-            if old.get(key) != reg:
-                pv.regs[key] = (bdf, reg)
-                if needs_watch(reg):
-                    out.append(WatchRegister(pid, key[0], key[1], reg))
-        if plan:
-            pv.plans[bdf] = plan
-        else:
-            pv.plans.pop(bdf, None)
+        if plan != old:
+            for key, reg in old.items():
+                if plan.get(key) != reg:
+                    pv.regs.pop(key, None)
+                    if key not in plan and needs_watch(reg):
+                        out.append(WatchRegister(pid, key[0], key[1], reg, add=False))
+            for key, reg in plan.items():
+                if old.get(key) != reg:
+                    pv.regs[key] = (bdf, reg)
+                    if needs_watch(reg):
+                        out.append(WatchRegister(pid, key[0], key[1], reg))
+            if plan:
+                pv.plans[bdf] = plan
+            else:
+                pv.plans.pop(bdf, None)
+        # also when the plan stands: MSI-X enable, function mask, interrupt line
         self._watch_irqs(pid, pv, out)
 
     def _watch_bars(self, pid: int, pv: PciVm, out: list[Output]) -> None:
@@ -324,7 +335,7 @@ class Correlator:
         want = set()
         for bdf in pv.plans:
             fn = pv.model.function(bdf)
-            if fn is None:
+            if fn is None or bdf in pv.dormant:
                 continue
             vec = fn.vector_of(fn.msix_config)
             if vec is not None:
@@ -348,12 +359,19 @@ class Correlator:
             return      # not (or not yet) a virtio function with its registers placed
         plan = pv.plans.get(bdf, {})
         if dev is None:
+            if bdf in pv.dormant:
+                self._wake(vm.identity.pid, pv, bdf, out)
             owner = vm.regs.get((layout.space, layout.status_addr))
-            if owner is not None and owner[0].pci_bdf is None and v.name not in vm.devices:
+            named = vm.devices.get(v.name)      # (annotate_device names devices too)
+            if owner is not None and owner[0].pci_bdf is None and named in (None, owner[0]):
                 # found from its traffic before its enumeration was seen: the same device
                 dev = owner[0]
-                self._rename_device(vm, dev, v.name)
+                if dev.id != v.name:
+                    self._rename_device(vm, dev, v.name)
             else:
+                if named is not None:
+                    # named after this function, but not at its registers: not this device
+                    self._remove_device(vm, named, ts, out)
                 dev = DeviceState(id=v.name, type=v.type, transport=self._pci_transport(v, layout),
                                   layout=layout, last_ts=ts)
                 self._add_device(vm, dev, out)
@@ -421,31 +439,38 @@ class Correlator:
 
     def _drain(self, upto: int | None, stuck_now: int | None = None) -> list[Output]:
         out: list[Output] = []
+        counted = 0
+        # outputs are counted step by step: a violation belongs to its VM's counts before a
+        # later event of the same drain renames, retires or drops that VM
         for event in self._buffer.release(upto):
             self._timers(event.ts_ns, event.ts_ns, out)
+            counted = self._count_outputs(out, counted)
             self._apply(event, out)
+            counted = self._count_outputs(out, counted)
         if upto is None:
             upto = self._buffer.released_ns
         if upto is not None:
             self._timers(stuck_now if stuck_now is not None else upto, upto, out)
+            self._count_outputs(out, counted)
             self._expire_retired(stuck_now if stuck_now is not None else upto)
-        self._count_outputs(out)
         return out
 
     def identities(self) -> list[VmIdentity]:
         """The VMs tracked now (exited ones kept for scrapes are not)."""
         return [vm.identity for vm in self._vms.values()]
 
-    def _count_outputs(self, out: list[Output]) -> None:
-        if out:
+    def _count_outputs(self, out: list[Output], start: int = 0) -> int:
+        """Count out[start:] (violations per VM, episodes ended, suspicions); len(out)."""
+        if len(out) > start:
             self.changes += 1
-        for o in out:
+        for o in itertools.islice(out, start, None):
             if isinstance(o, Violation):
                 self._violations[(o.vm, o.rule)] += 1
             elif isinstance(o, EpisodeEnded):
                 self._ended[o.episode.outcome] += 1
             elif isinstance(o, NeedsResetSuspected):
                 self._suspicions += 1
+        return len(out)
 
     def _timers(self, now: int, horizon: int, out: list[Output]) -> None:
         """Stuck episodes (at `now`) and expired notify windows (events up to `horizon` seen).
@@ -586,6 +611,8 @@ class Correlator:
         for dev in vm.devices.values():
             if dev.open_episode is not None:
                 dev.open_episode.vm = identity
+        if old == identity:
+            return      # the same identity seen again: its counts stay where they are
         for (who, rule) in [k for k in self._violations if k[0] == old]:
             self._violations[(identity, rule)] += self._violations.pop((who, rule))
 
@@ -627,7 +654,10 @@ class Correlator:
 
     # -- devices ---------------------------------------------------------------------------
 
-    def _remove_device(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output]) -> None:
+    def _remove_device(self, vm: VmState, dev: DeviceState, ts: int, out: list[Output],
+                       evicted: bool = False) -> None:
+        """Forget a device. An evicted device of the model keeps its function's plan: its
+        interrupt programming goes on being followed, and its next access brings it back."""
         out.extend(dev.abandon(ts))
         dev.clear_suspicion()
         self._suspects.pop(id(dev), None)
@@ -648,12 +678,17 @@ class Correlator:
         if dev.pci_bdf is not None and vm.pci_devices.get(dev.pci_bdf) is dev:
             del vm.pci_devices[dev.pci_bdf]
             pv = self._pci.get(vm.identity.pid)
-            plan = pv.plans.pop(dev.pci_bdf, {}) if pv is not None else {}
-            for (space, addr), reg in plan.items():   # evicted: found again on new traffic
-                pv.regs.pop((space, addr), None)
+            plan = pv.plans.get(dev.pci_bdf, {}) if pv is not None else {}
+            if plan and evicted:
+                pv.dormant.add(dev.pci_bdf)     # unwatched, still in the model (_wake)
+            elif plan:
+                del pv.plans[dev.pci_bdf]
+                for key in plan:
+                    pv.regs.pop(key, None)
+            for (space, addr), reg in plan.items():
                 if needs_watch(reg):
                     out.append(WatchRegister(vm.identity.pid, space, addr, reg, add=False))
-            if pv is not None:
+            if plan:
                 self._watch_irqs(vm.identity.pid, pv, out)
         del vm.devices[dev.id]
         self._devices -= 1
@@ -664,7 +699,7 @@ class Correlator:
                 ((v, d) for v in self._vms.values() for d in v.devices.values()),
                 key=lambda vd: (vd[1].open_episode is not None, vd[1].last_ts))
             self._evictions["device"] += 1
-            self._remove_device(owner, victim, dev.last_ts, out)
+            self._remove_device(owner, victim, dev.last_ts, out, evicted=True)
         vm.devices[dev.id] = dev
         self._devices += 1
         self._stats["devices_discovered"] += 1
@@ -730,6 +765,14 @@ class Correlator:
                 and ev.space == Space.MMIO and self._kick_device(vm, ev.addr, count=False):
             self._kick(vm, ev.addr, ev.ts_ns, out)      # a queue past the watched ones
             return
+        if known is None:
+            pv = self._pci.get(vm.identity.pid)
+            bdf = pv.regs.get((ev.space, ev.addr), (None,))[0] if pv is not None else None
+            if bdf is not None and bdf not in vm.pci_devices:
+                # a register of a modelled function without its device (evicted, or before
+                # its enumeration was released): the device, with its PCI identity
+                self._pci_sync(vm, bdf, ev.ts_ns, out)
+                known = vm.regs.get((ev.space, ev.addr))
         if known is None:
             dev = self._discover(vm, ev, out)
             if dev is None:
