@@ -239,6 +239,7 @@ class Correlator:
                 while len(self._pci) > 2 * self.config.max_vms:
                     self._pci.popitem(last=False)
             self._pci.move_to_end(ev.pid)
+            self.changes += 1       # any access may teach the model a byte the state file saves
             out: list[Output] = []
             ecam = pv.model.ecam
             bdf = pv.model.config_access(ev.addr, ev.op == Op.WRITE, ev.size, ev.value)
@@ -269,6 +270,7 @@ class Correlator:
             fn.queue_select = ev.value & 0xFFFF
         else:
             fn.set_queue_vector(ev.value & 0xFFFF)
+        self.changes += 1
         out = []
         self._watch_irqs(ev.pid, pv, out)
         return out
@@ -340,7 +342,7 @@ class Correlator:
             vec = fn.vector_of(fn.msix_config)
             if vec is not None:
                 want.add(("vector", vec[1]))
-            elif fn.msix_enabled is False and fn.interrupt_line is not None:
+            elif fn.msix_enable_set is False and fn.interrupt_line is not None:
                 want.add(("gsi", fn.interrupt_line))
         for kind, n in sorted(pv.irqs - want):
             out.append(WatchInterrupt(pid, **{kind: n}, add=False))
@@ -356,6 +358,8 @@ class Correlator:
         layout = layout_of(v) if v is not None else None
         dev = vm.pci_devices.get(bdf)
         if layout is None:
+            if dev is not None and pv is not None and bdf not in pv.model.functions:
+                self._remove_device(vm, dev, ts, out)     # unplugged: its slot reads empty
             return      # not (or not yet) a virtio function with its registers placed
         plan = pv.plans.get(bdf, {})
         if dev is None:
@@ -378,10 +382,14 @@ class Correlator:
             dev.pci_bdf = bdf
             vm.pci_devices[bdf] = dev
             self.changes += 1
-        if dev.type != v.type or dev.layout != layout and dev.status is None:
+        # a device its driver has used (or whose driver picked the other interface of a
+        # transitional device, restored from a state file) keeps its register block
+        driven = dev.status is not None or dev.transport not in (Transport.UNKNOWN,
+                                                                 layout.transport)
+        if dev.type != v.type or dev.layout != layout and not driven:
             dev.type = v.type
-            dev.layout = layout
-            if dev.status is None:
+            if not driven:
+                dev.layout = layout
                 dev.transport = self._pci_transport(v, layout)
             self.changes += 1
         if dev.watched != plan:
@@ -408,7 +416,9 @@ class Correlator:
         if fn is None:
             return
         vec = fn.vector_of(fn.msix_config)
-        dev.msix_config = fn.msix_config
+        if dev.msix_config != fn.msix_config:
+            dev.msix_config = fn.msix_config
+            self.changes += 1
         vector, dest = (vec[1], vec[0]) if vec is not None else (None, None)
         if vector != dev.config_vector or dest != dev.config_dest:
             if dev.config_vector is not None and vm.vectors.get(dev.config_vector) is dev:
@@ -417,7 +427,7 @@ class Correlator:
             if vector is not None:
                 vm.vectors[vector] = dev
             self.changes += 1
-        gsi = fn.interrupt_line if vec is None and fn.msix_enabled is False else None
+        gsi = fn.interrupt_line if vec is None and fn.msix_enable_set is False else None
         if gsi != dev.gsi:
             dev.gsi = gsi
             self.changes += 1
@@ -586,7 +596,7 @@ class Correlator:
                 self._confirm(vm, hint.space, hint.addr, None, ts, out, hint=hint)
 
     def _vm_started(self, ev: VmStarted, out: list[Output]) -> None:
-        self._exited.pop(ev.pid, None)
+        # (the pid's exit, if any, is kept: late events of the old process stay dropped)
         self._evicted.pop(ev.pid, None)
         identity = VmIdentity(pid=ev.pid, start_time=ev.start_time, name=ev.name,
                               namespace=ev.namespace, uuid=ev.uuid, vmm=ev.vmm)
@@ -620,7 +630,8 @@ class Correlator:
         self.changes += 1
         devices = list(vm.devices.values())
         for dev in devices:
-            self._remove_device(vm, dev, ts, out)
+            # (not retained: evicted, alive; its model's devices come back with its traffic)
+            self._remove_device(vm, dev, ts, out, evicted=not retain)
         del self._vms[vm.identity.pid]
         if retain and self.config.retain_exited_ns > 0 and devices:
             # keep the devices (and violation counts) in snapshots for a while, so increments
@@ -788,8 +799,10 @@ class Correlator:
                 lay = layout_for(ev.space, ev.addr, ev.size)
                 if lay is not None:
                     dev.layout, dev.transport = lay, lay.transport
+                    self.changes += 1
             elif dev.transport == Transport.UNKNOWN and dev.layout is not None:
                 dev.transport = dev.layout.transport
+                self.changes += 1
             self._status(vm, dev, ev, out)
         elif reg == Register.ISR and ev.op == Op.READ:
             # virtio-mmio: the InterruptACK write that follows says the same (it is counted)
@@ -866,13 +879,17 @@ class Correlator:
         if hint is not None or ev.register == Register.STATUS:
             return self._confirm(vm, space, addr, ev.size, ev.ts_ns, out, hint=hint)
         if space == Space.MMIO and ev.size == 4 and ev.op == Op.READ:
+            # DeviceID of a virtio-mmio device found already (its window at any alignment)
+            dev = vm.devices.get(Layout(Transport.MMIO, space,
+                                        addr - MMIO_DEVICE_ID_OFFSET).device_id)
+            if dev is not None and dev.transport == Transport.MMIO:
+                dev.type = type_from_virtio_id(ev.value)
+                self.changes += 1
+                return None
             offset = addr % MMIO_ALIGN
             if offset in (MMIO_DEVICE_ID_OFFSET, MMIO_MAGIC_OFFSET):
-                dev = vm.devices.get(Layout(Transport.MMIO, space, addr - offset).device_id)
-                if dev is not None:
-                    if offset == MMIO_DEVICE_ID_OFFSET:
-                        dev.type = type_from_virtio_id(ev.value)
-                    return None
+                if Layout(Transport.MMIO, space, addr - offset).device_id in vm.devices:
+                    return None     # (a PCI device's registers: no virtio-mmio window)
                 if offset == MMIO_MAGIC_OFFSET and ev.value != VIRTIO_MMIO_MAGIC:
                     return None
                 self._candidate(vm, ev).last_read = ev.value
@@ -886,8 +903,10 @@ class Correlator:
         if ev.op == Op.WRITE:
             cand.writes.append(value)
             if tuple(cand.writes) == RESET_SEQUENCE:
+                # (a device at this base already, of another transport: not its status)
+                known = layout.device_id in vm.devices
                 dev = self._confirm(vm, space, addr, ev.size, ev.ts_ns, out)
-                if dev is not None:
+                if dev is not None and not known:
                     # the 0 and 1 writes that made the sequence happened before the device existed
                     dev.resets_total += 1
                     dev.driver_bits = 1

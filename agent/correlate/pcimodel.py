@@ -224,7 +224,7 @@ class PciFunction:
             return None
         off = BAR0 + 4 * index
         lo = self._get(off, 4)
-        if lo is None:
+        if lo is None or self._upper_dword(off):    # (the high half of a 64-bit BAR)
             return None
         mask = self.bar_masks.get(off)
         if lo & 1:
@@ -324,6 +324,15 @@ class PciFunction:
             return None if self.msix_cap() is not None else False
         return bool(ctrl & 0x8000) and not ctrl & 0x4000
 
+    @property
+    def msix_enable_set(self) -> Optional[bool]:
+        """MSI-X Enable, whatever the Function Mask: set, the function must not use INTx#
+        (PCI 3.0 6.8.2.3); None if not known."""
+        ctrl = self.msix_control()
+        if ctrl is None:
+            return None if self.msix_cap() is not None else False
+        return bool(ctrl & 0x8000)
+
     def msix_table(self) -> Optional[Region]:
         ptr = self.msix_cap()
         if ptr is None:
@@ -417,6 +426,7 @@ class PciModel:
                 if bdf in self.functions and off == 0:
                     del self.functions[bdf]
                     self._views.pop(bdf, None)
+                    return bdf      # gone: what was derived from it goes too
                 return None
             fn = self.function(bdf, create=off == 0)
             if fn is None:

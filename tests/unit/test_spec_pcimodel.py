@@ -154,7 +154,8 @@ def test_an_all_ones_vendor_read_is_an_empty_slot_and_forgets_a_function_there()
     assert m.config_access(addr(BDF, 0), False, 4, 0xFFFFFFFF) is None
     assert m.function(BDF) is None
     assert m.config_access(addr(BDF, 0), False, 4, 0x1041 << 16 | 0x1AF4) == BDF
-    assert m.config_access(addr(BDF, 0), False, 2, 0xFFFF) is None   # unplugged
+    # unplugged: the function goes, and its bdf is returned (what was derived from it goes too)
+    assert m.config_access(addr(BDF, 0), False, 2, 0xFFFF) == BDF
     assert m.function(BDF) is None and m.virtio(BDF) is None
     # a device id read of 0xFFFF at +2 is not a vendor read: nothing there is created
     assert m.config_access(addr(BDF + 1, 2), False, 2, 0xFFFF) is None
