@@ -473,7 +473,8 @@ class Correlator:
         """Count out[start:] (violations per VM, episodes ended, suspicions); len(out)."""
         if len(out) > start:
             self.changes += 1
-        for o in itertools.islice(out, start, None):
+        for i in range(start, len(out)):      # (islice would walk out[:start] again)
+            o = out[i]
             if isinstance(o, Violation):
                 self._violations[(o.vm, o.rule)] += 1
             elif isinstance(o, EpisodeEnded):
