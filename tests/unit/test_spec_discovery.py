@@ -811,16 +811,22 @@ def test_a_kick_before_the_device_is_found_is_placed_once_it_is():
     assert [s.since_ns for s in of(vm.out, NeedsResetSuspected)] == [t]
 
 
+def suspected_at(vm, due: int):
+    """The one suspicion, judged at `due` and not a nanosecond before (the window's edge)."""
+    vm.tick(due - 1)
+    assert of(vm.out, NeedsResetSuspected) == []
+    vm.tick(due)
+    [s] = of(vm.out, NeedsResetSuspected)
+    return s
+
+
 def test_a_kick_placed_before_is_placed_again():
     vm = Vm()
     mmio(vm)
     vm.kick(MMIOW + 0x50, dt=100 * MS)          # long before the interrupt: idle then
     t = vm.acc(W, MMIOW + 0x64, 0x2, 4, dt=3 * S)
     k = vm.kick(MMIOW + 0x50, dt=100 * MS)
-    vm.tick(k + 1 * S - 1)
-    assert of(vm.out, NeedsResetSuspected) == []
-    vm.tick(k + 1 * S)
-    [s] = of(vm.out, NeedsResetSuspected)
+    s = suspected_at(vm, k + 1 * S)
     assert (s.ts_ns, s.since_ns) == (k + 1 * S, t)
 
 
@@ -830,10 +836,7 @@ def test_the_first_kick_after_the_interrupt_starts_the_window():
     t = vm.apic(CONFIG_VEC, dt=2 * S)
     k = vm.kick(BAR4 + 0x3000, dt=300 * MS)
     vm.kick(BAR4 + 0x3000, dt=500 * MS)
-    vm.tick(k + 1 * S - 1)
-    assert of(vm.out, NeedsResetSuspected) == []
-    vm.tick(k + 1 * S)
-    [s] = of(vm.out, NeedsResetSuspected)
+    s = suspected_at(vm, k + 1 * S)
     assert (s.ts_ns, s.since_ns, s.device) == (k + 1 * S, t, FN_NAME)
 
 
@@ -852,10 +855,7 @@ def test_a_kick_within_the_window_before_the_interrupt_starts_it_at_the_interrup
     programmed(vm)
     vm.kick(BAR4 + 0x3000, dt=2 * S)
     t = vm.apic(CONFIG_VEC, dt=500 * MS)
-    vm.tick(t + 1 * S - 1)
-    assert of(vm.out, NeedsResetSuspected) == []
-    vm.tick(t + 1 * S)
-    [s] = of(vm.out, NeedsResetSuspected)
+    s = suspected_at(vm, t + 1 * S)
     assert (s.ts_ns, s.since_ns) == (t + 1 * S, t)
 
 
