@@ -80,7 +80,10 @@
 #define C_ACTIVITY_FOLDED 17     // ... folded (same vector / address within the interval)
 #define C_CONFIG_FORWARDED 18    // PCI configuration-space accesses forwarded (changes)
 #define C_CONFIG_RATE_LIMITED 19 // ... changes over the VM's config bucket (also in C_RATE_LIMITED)
-#define C_NCOUNTERS 20
+#define C_WATCHED_RATE_LIMITED 20 // changes of watched registers and virtio-BAR writes over the
+                                  // VM's watched-register bucket (also in C_RATE_LIMITED)
+#define C_IRQ_RATE_LIMITED 21    // watched interrupts over the VM's interrupt bucket (also in C_RATE_LIMITED)
+#define C_NCOUNTERS 22
 
 // config array slots; written by userspace before attaching
 #define CFG_DISCOVERY_RATE 0   // candidate events per second per VM (0 = discovery off)
@@ -385,6 +388,8 @@ static __always_inline void handle_candidate(struct reg_key *k, u8 op, u32 size,
     }
     if (!take_token(k->tgid, which)) {
         count(C_RATE_LIMITED);
+        if (which == B_WATCHED)
+            count(C_WATCHED_RATE_LIMITED);
         return;
     }
     struct event *e = access_event(k->space, op, k->addr, size, value, 0);
@@ -650,6 +655,7 @@ static __always_inline void handle_access(u32 space, u8 op, u64 addr, u32 size, 
             }
         } else if (!(reg == REG_ISR && op == OP_READ) && !take_token(k.tgid, B_WATCHED)) {
             count(C_RATE_LIMITED);
+            count(C_WATCHED_RATE_LIMITED);
             return;
         }
     }
@@ -847,6 +853,7 @@ static __always_inline int irq_token(void)
     if (take_token(bpf_get_current_pid_tgid() >> 32, B_IRQ))
         return 1;
     count(C_RATE_LIMITED);
+    count(C_IRQ_RATE_LIMITED);
     return 0;
 }
 

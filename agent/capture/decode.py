@@ -34,7 +34,7 @@ COUNTERS = (
     "unsatisfied_read", "candidate_map_full", "vhost_ioctl", "kvm_signal_msi", "kvm_irqfd",
     "kvm_ioeventfd", "kvm_set_gsi_routing", "user_read_error", "inflight_full",
     "kernel_read_error", "activity_forwarded", "activity_folded", "config_forwarded",
-    "config_rate_limited",
+    "config_rate_limited", "watched_rate_limited", "irq_rate_limited",
 )
 
 IRQ_KIND_VECTOR = 0

@@ -112,7 +112,9 @@ def test_readstorm_is_folded_in_the_kernel(cap, transport):
 def test_full_ring_buffer_is_counted_not_silent(bpf):
     """A storm of changing msix_config writes, each paid for by a bucket too large to run dry,
     into a one-page ring buffer nobody reads while the guest runs: every write is either
-    delivered or counted."""
+    delivered or counted. Discovery, activity and config forwarding are off in this Capture,
+    so that VMs running beside (the storms of the 5-runs streak) cannot fill its ring buffer
+    or be counted in its figures: only watched registers and writes in virtio BARs reach it."""
     from agent.capture import Capture
     from agent.model import WatchRegister
     from lab.harness import LabVM
@@ -120,7 +122,8 @@ def test_full_ring_buffer_is_counted_not_silent(bpf):
     spec = StormSpec(transport="modern", scenario="writestorm", writes=20_000,
                      storm_reg="config", storm_values=3, start_delay_ms=200)
     (dev,) = learn_devices(spec)
-    with Capture(ringbuf_pages=1, activity_burst=1_000_000) as small:
+    with Capture(ringbuf_pages=1, activity_burst=1_000_000, discovery_rate=0,
+                 activity_rate=0, config_rate=0) as small:
         before = small.counters()
         vm = LabVM.start(spec)
         small.watch_register(WatchRegister(pid=vm.pid, space=dev.space,
@@ -133,7 +136,8 @@ def test_full_ring_buffer_is_counted_not_silent(bpf):
         for _ in range(5):
             events += small.poll(50)
         lost = small.stats().lost["ringbuf_full"] - before["ringbuf_full"]
-        rate_limited = small.counters()["rate_limited"] - before["rate_limited"]
+        rate_limited = (small.counters()["watched_rate_limited"]
+                        - before["watched_rate_limited"])
     (storm,) = result.storms
     assert storm.differing == storm.n - 1
     writes = [e for e in events if isinstance(e, RegisterAccess) and e.pid == vm.pid

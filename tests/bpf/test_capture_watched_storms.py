@@ -2,7 +2,7 @@
 + BPF): the lab guest's `writestorm` on its config-vector / InterruptACK register and self-IPIs on
 its config vector. What the kernel forwards stays bounded per VM — identical writes once per
 activity interval, changed ones and watched interrupts within a token bucket — and every access
-it does not forward is counted (`repeat`, `rate_limited`)."""
+it does not forward is counted (`repeat`, `watched_rate_limited`, `rate_limited`)."""
 from __future__ import annotations
 
 import pytest
@@ -62,13 +62,16 @@ def test_changing_writes_to_a_watched_register_are_rate_limited(cap, transport):
     # pending in the map), or counted as rate limited
     pending = run.final_state[(dev.space, addr)]
     folded = sum(e.repeats for e in events) + pending.repeats
+    # counted over the watched-register bucket (`watched_rate_limited`, also in `rate_limited`):
+    # VMs running beside add discovery candidates to `rate_limited`, never to this one
+    limited = run.delta("watched_rate_limited")
     assert run.delta("ringbuf_full") == 0
-    assert run.delta("rate_limited") > 0
-    assert len(events) + folded + run.delta("rate_limited") >= WRITES
+    assert limited > 0 and run.delta("rate_limited") >= limited
+    assert len(events) + folded + limited >= WRITES
     assert run.delta("repeat") >= folded
     print(f"\n{transport}: {WRITES} changing writes in {storm.duration_ns / 1e6:.0f} ms, "
           f"forwarded {len(events)} (bound {bound:.0f}), folded {folded}, "
-          f"rate_limited +{run.delta('rate_limited')}")
+          f"watched_rate_limited +{limited}")
 
 
 @pytest.mark.parametrize("transport", ["modern", "mmio"])
@@ -142,8 +145,9 @@ def test_self_ipis_on_a_watched_config_vector_are_rate_limited(bpf, activity_rat
     apic = [e for e in run.events if isinstance(e, ApicAccepted) and e.vector == vector]
     bound = _token_bound(run.result.wall_s)
     assert BURST // 2 <= len(apic) <= bound, (len(apic), bound)
+    limited = run.delta("irq_rate_limited")     # only this VM's vector is watched here
     assert run.delta("ringbuf_full") == 0
-    assert run.delta("rate_limited") >= WRITES - len(apic)
+    assert limited >= WRITES - len(apic) and run.delta("rate_limited") >= limited
     print(f"\nactivity_rate={activity_rate}: {WRITES} self-IPIs in "
           f"{storm.duration_ns / 1e6:.0f} ms, forwarded {len(apic)} (bound {bound:.0f}), "
-          f"rate_limited +{run.delta('rate_limited')}")
+          f"irq_rate_limited +{limited}")
