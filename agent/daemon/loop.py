@@ -22,6 +22,7 @@ from agent.model import (
     EpisodeEnded, EpisodeStuck, NeedsResetSuspected, Snapshot, Violation, VmIdentity,
     WatchDeviceBars, WatchEcam, WatchInterrupt, WatchRegister,
 )
+from agent.vmm.vmident import process_gone
 
 log = logging.getLogger("agent.run")
 
@@ -33,6 +34,11 @@ SEEN_PIDS_FACTOR = 4    # remembered VMM pids: max_vms * this (older ones are re
 # the first to the last; meanwhile the agent is not ready
 POLL_RETRY_FIRST_S = 0.1
 POLL_RETRY_MAX_S = 5.0
+# a VMM's exit is a ring-buffer record, lost when the ring buffer is full: after a loss the
+# known VMs' liveness is checked in /proc, at this interval, twice (the record is written inside
+# the exit, before /proc shows the process as a zombie)
+EXIT_SWEEP_NS = 1_000_000_000
+EXIT_SWEEPS_AFTER_LOSS = 2
 
 
 @dataclass
@@ -53,14 +59,15 @@ class Agent(StateKeeping):
 
     `capture` needs poll(timeout_ms), watch_register(o), watch_interrupt(o), watch_ecam(o),
     watch_device_bars(o), hook_status,
-    stats() and close(); `identify(pid)` returns a VmStarted for a VMM pid (or None when the
-    process is already gone).
+    stats(), counters() (the kernel's, `ringbuf_full` among them) and close(); `identify(pid)`
+    returns a VmStarted for a VMM pid (or None when the process is already gone).
     """
 
     def __init__(self, capture, correlator, identify: Callable[[int], Optional[VmStarted]],
                  episode_log: Optional[EpisodeLog] = None, stuck_after_s: float = 60.0,
                  max_vms: int = 256, core_hooks: Iterable[str] = (),
-                 confirmer=None, net_outage=None, pci_typer=None, state_file=None) -> None:
+                 confirmer=None, net_outage=None, pci_typer=None, state_file=None,
+                 proc_root: str = "/proc") -> None:
         # confirmer: agent.vmm.confirm.VmmConfirmer (asks QEMU about suspected NEEDS_RESET) or None;
         # pci_typer: agent.vmm.confirm.PciTyper (device types from query-pci, opt-in) or None
         self.confirmer = confirmer
@@ -89,6 +96,10 @@ class Agent(StateKeeping):
         self._last_save_ns = 0
         self._restored: dict[int, VmIdentity] = {}   # restored VMs not heard from since
         self._last_restored_check_ns = 0
+        self.proc_root = proc_root
+        self._last_sweep_ns: Optional[int] = None
+        self._ringbuf_full = 0
+        self._sweeps_left = 0
         self.collector = AgentCollector(
             self.snapshot, self.histograms, self.self_stats, stuck_after_s=stuck_after_s,
             ifname_fn=(lambda vm, device: net_outage.ifname(vm.key, device))
@@ -160,6 +171,7 @@ class Agent(StateKeeping):
                 self._pci_types()
             if self._restored:
                 self._check_restored(now)
+            self._sweep_lost_exits(now)
             snap = None
             if self.net_worker is not None and self._last_tick_ns == now:
                 try:
@@ -262,6 +274,25 @@ class Agent(StateKeeping):
                 if side is not None:
                     side.forget_pid(pid)
             self._seen.pop(pid, None)
+
+    def _sweep_lost_exits(self, now: int) -> None:
+        """VMs whose exit record the full ring buffer may have dropped: exited in /proc, they
+        get the ProcessExit BPF could not deliver (else they would stay, watched, for ever)."""
+        if self._last_sweep_ns is not None and now - self._last_sweep_ns < EXIT_SWEEP_NS:
+            return
+        self._last_sweep_ns = now
+        lost = self.capture.counters().get("ringbuf_full", 0)
+        if lost != self._ringbuf_full:
+            self._ringbuf_full = lost
+            self._sweeps_left = EXIT_SWEEPS_AFTER_LOSS
+        if not self._sweeps_left:
+            return
+        self._sweeps_left -= 1
+        for identity in self.correlator.identities():
+            if process_gone(identity.pid, identity.start_time, self.proc_root):
+                log.info("VMM pid %d exited; its exit record was lost (ring buffer full)",
+                         identity.pid)
+                self._handle(ProcessExit(ts_ns=now, pid=identity.pid))
 
     def _confirmations(self) -> None:
         """Apply the VMM's answers about suspected devices (agent.vmm.confirm)."""

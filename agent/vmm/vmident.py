@@ -68,6 +68,23 @@ def start_time(stat: str) -> int:
     return int(rest[19])
 
 
+def process_gone(pid: int, start: int, proc_root: str = "/proc") -> bool:
+    """Has the process (pid, start time) certainly exited: no /proc entry, a zombie, or another
+    process under its pid? (start 0: unknown, only the first two tell.) Unreadable is not gone."""
+    try:
+        with open(os.path.join(proc_root, str(pid), "stat")) as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    except OSError:
+        return False
+    try:
+        state = stat[stat.rindex(")") + 1:].split()[0]
+        return state in ("Z", "X") or (start != 0 and start_time(stat) != start)
+    except (ValueError, IndexError):
+        return False
+
+
 def qemu_opts(value: str) -> tuple[Optional[str], dict[str, str]]:
     """Split a QEMU option string: the implied first value (if any) and key=value pairs.
     ",," is an escaped comma."""

@@ -149,15 +149,27 @@ def run_round(agent: AgentProcess, round_no: int) -> dict:
     # round's series left (--retain-exited 0), every recovered guest episode logged
     from tests.lab.scrape import wait_until
 
+    missing: dict = {}
+
     def settled() -> bool:
         text = agent.metrics_text()
-        if any(s.labels.get("vm", "").startswith(PREFIX) for s in samples(text)):
-            return False
+        missing.clear()
+        left = {s.labels["vm"] for s in samples(text) if s.labels.get("vm", "").startswith(PREFIX)}
+        if left:
+            missing["series of"] = sorted(left)
         records = agent.records()
-        return all(len([r for r in records if r["vm"] == n and r["outcome"] == "recovered"])
-                   >= sum(e.driver_ok_ns is not None for e in r_.episodes)
-                   for n, r_ in [(name, result), *storm_results.items()])
-    wait_until(f"round {round_no}'s exits processed", settled)
+        for n, r_ in [(name, result), *storm_results.items()]:
+            logged = len([r for r in records if r["vm"] == n and r["outcome"] == "recovered"])
+            guest = sum(e.driver_ok_ns is not None for e in r_.episodes)
+            if logged < guest:
+                missing[n] = f"{logged} of {guest} recovered episodes logged"
+        return not missing
+    try:
+        wait_until(f"round {round_no}'s exits processed", settled)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; missing: {missing}; "
+                             f"last records: {[r for r in agent.records() if r['vm'].startswith(PREFIX)][-10:]}; "
+                             f"agent stderr:\n{agent.stderr_tail()}") from None
     return {"measured": (name, result), "storms": storm_results,
             "peak_device_series": peak_device_series}
 

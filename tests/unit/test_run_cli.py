@@ -212,6 +212,7 @@ class ScriptedSource:
                                                                           "exit")}
         self._stats = CaptureStats(forwarded=0, delivered=0, filtered={"repeat": 3}, lost={},
                                    counters={}, maps={})
+        self.kernel_counters: dict[str, int] = {}
         self.closed = False
 
     def poll(self, timeout_ms):
@@ -225,6 +226,9 @@ class ScriptedSource:
 
     def stats(self):
         return self._stats
+
+    def counters(self):
+        return dict(self.kernel_counters)
 
     def close(self):
         self.closed = True
@@ -339,3 +343,64 @@ def test_a_vm_evicted_by_correlation_keeps_its_name_when_it_comes_back():
     assert identified == [101, 102, 103], identified
     assert "vm101" in {d.vm.name for d in snap.devices}
     assert not [d.vm.name for d in snap.devices if d.vm.name.startswith("pid-")]
+
+
+def test_a_vm_whose_exit_record_was_lost_is_found_exited_in_proc(tmp_path, monkeypatch):
+    """The kernel's exit record is lost when the ring buffer is full (`ringbuf_full` grows):
+    the agent then checks the VMs it knows in /proc, this time and the next (the record is
+    written inside the exit, before /proc shows a zombie), and ends the gone one's episode and
+    watches as its exit would have. Without a loss it leaves the VM alone: the record comes."""
+    import io
+    import time
+
+    from agent.correlate import Correlator, CorrelatorConfig
+    from agent.export.episode_log import EpisodeLog, read_records
+    from agent.model import Outcome, WatchRegister
+    from agent.daemon import loop
+    from tests.unit.test_correlate_guestscript import Script
+    from tests.unit.test_vmident import _set_state, fake_proc
+
+    monkeypatch.setattr(loop, "EXIT_SWEEP_NS", 0)
+    s = Script(t0=time.monotonic_ns())
+    vm = s.vm(4242, "lab-vm", start_time=100)
+    other = s.vm(4343, "other-vm", start_time=200)
+    dev = vm.device(vector=0x31)
+    dev.init()
+    dev.needs_reset()               # the episode is open when the VMM exits
+    other.device(vector=0x32).init()
+    proc = fake_proc(tmp_path, 4242, ["qemu-system-x86_64"], starttime=100)
+    fake_proc(tmp_path, 4343, ["qemu-system-x86_64"], starttime=200)
+    stream = io.StringIO()
+    source = ScriptedSource([list(s.events)])
+    correlator = Correlator(CorrelatorConfig(reorder_window_ns=0))
+    agent = run.Agent(source, correlator, lambda pid: None, episode_log=EpisodeLog(stream),
+                      proc_root=proc)
+    agent.step(0)
+    assert {i.pid for i in correlator.identities()} == {4242, 4343}
+
+    def removals():
+        return [w for w in source.watches if isinstance(w, WatchRegister) and not w.add
+                and w.pid == 4242]
+
+    _set_state(tmp_path, 4242, "Z")
+    agent.step(0)                   # exited, but no record lost: its record will come
+    assert {i.pid for i in correlator.identities()} == {4242, 4343} and not removals()
+    _set_state(tmp_path, 4242, "S")
+    source.kernel_counters["ringbuf_full"] = 7
+    agent.step(0)                   # a loss: the first check finds the VMM still running
+    assert {i.pid for i in correlator.identities()} == {4242, 4343}
+    _set_state(tmp_path, 4242, "Z")
+    agent.step(0)                   # the second check finds it exited
+    assert {i.pid for i in correlator.identities()} == {4343}
+    assert any(w.addr == dev.status_addr for w in removals())
+    correlator.flush()
+    agent.step(0)
+    (rec,) = read_records(stream.getvalue().splitlines())
+    assert rec["vm"] == "lab-vm" and rec["outcome"] == Outcome.ABANDONED
+    # two checks per loss, then none until the next loss
+    _set_state(tmp_path, 4343, "Z")
+    agent.step(0)
+    assert {i.pid for i in correlator.identities()} == {4343}
+    source.kernel_counters["ringbuf_full"] = 8
+    agent.step(0)
+    assert correlator.identities() == []

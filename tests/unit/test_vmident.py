@@ -146,3 +146,30 @@ def test_identify_vm_for_run(tmp_path):
     ev = identify_vm(17, root)
     assert ev.name == "fc1" and ev.ts_ns >= before
     assert identify_vm(18, root) is None
+
+
+def _set_state(root, pid, state):
+    stat = root / str(pid) / "stat"
+    head, rest = stat.read_text().rsplit(") ", 1)
+    stat.write_text(f"{head}) {state} {rest.split(' ', 1)[1]}")
+
+
+def test_process_gone_only_when_certain(tmp_path):
+    from agent.vmm.vmident import process_gone
+
+    root = fake_proc(tmp_path, 31, ["qemu-system-x86_64"], starttime=500)
+    assert not process_gone(31, 500, root)
+    assert not process_gone(31, 0, root)          # start time unknown: the pid is there
+    assert process_gone(31, 501, root)            # another process under the pid
+    assert process_gone(32, 500, root)            # no /proc entry
+    _set_state(tmp_path, 31, "Z")                 # exited, not yet reaped
+    assert process_gone(31, 500, root) and process_gone(31, 0, root)
+    _set_state(tmp_path, 31, "X")
+    assert process_gone(31, 500, root)
+    _set_state(tmp_path, 31, "R")
+    assert not process_gone(31, 500, root)
+    (tmp_path / "33" / "stat").mkdir(parents=True)   # unreadable: not known to be gone
+    assert not process_gone(33, 500, root)
+    (tmp_path / "34").mkdir()
+    (tmp_path / "34" / "stat").write_text("34 (qemu\n")  # malformed: not known to be gone
+    assert not process_gone(34, 500, root)
