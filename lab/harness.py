@@ -795,6 +795,22 @@ def _read(path: Path) -> str:
         return ""
 
 
+def wait_qmp(path: str | Path, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Until QEMU accepts QMP on `path`: the socket file appears at bind(), before listen(),
+    and a connect in between is refused (a busy host widens that window)."""
+    from agent.vmm import qmp
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            qmp.query(str(path), "query-status", timeout=2)
+            return
+        except (qmp.QmpConnectError, qmp.QmpProtocolError):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
 def run(spec: GuestSpec, timeout: float = 30.0, check: bool = True) -> LabResult:
     """Start a VM for `spec`, wait for it, and (check=True) raise LabError unless it succeeded."""
     vm = LabVM.start(spec)

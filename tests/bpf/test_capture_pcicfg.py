@@ -13,6 +13,7 @@ import pytest
 
 from agent.events import Op, ProcessExit, QueueNotify, RegisterAccess, Space, pcicfg_addr
 from agent.model import WatchEcam
+from lab.harness import wait_qmp
 from agent.vmm.qmp import QmpClient
 from agent.vmm.probe import PciDevice, pci_map
 from lab.harness import GuestSpec, LabVM
@@ -197,9 +198,12 @@ def _seabios(tmp_path: Path, machine: str, devices: int = 2):
         cmd += ["-device", "virtio-rng-pci"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not qmp.exists() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    try:
+        wait_qmp(qmp, proc)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
     return proc, qmp, log
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from lab.harness import GuestSpec, LabTimeout, LabVM, run
+from lab.harness import GuestSpec, LabTimeout, LabVM, run, wait_qmp
 
 pytestmark = pytest.mark.kvm
 
@@ -50,10 +50,7 @@ def test_qmp_socket(kvm: None) -> None:
     # the guest holds (30 s at most: the VM is killed on leaving the block) while QMP is asked
     with LabVM.start(GuestSpec(scenario="init", start_delay_ms=30000, qmp=True)) as vm:
         assert vm.qmp_path is not None
-        deadline = time.monotonic() + 60
-        while not vm.qmp_path.exists():
-            assert time.monotonic() < deadline, "no QMP socket"
-            time.sleep(0.02)
+        wait_qmp(vm.qmp_path, vm.proc, timeout=60)
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(str(vm.qmp_path))
             f = s.makefile("rw")

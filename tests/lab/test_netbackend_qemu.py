@@ -334,8 +334,9 @@ def test_link_watcher_reports_every_event_but_keeps_a_bounded_table(netns):
 
 
 def test_each_virtio_net_device_is_mapped_to_its_own_backend_over_qmp(netns, qemus, tmp_path):
-    from agent.vmm import qmp
     from agent.net.backend import nic_backends, parse_info_network
+    from agent.vmm import qmp
+    from lab.harness import wait_qmp
 
     ns, ns_path = netns
     mvt, _mac, node = make_macvtap(ns, ns_path, "vramvt1", "vralow1", "vrapeer1")
@@ -356,9 +357,7 @@ def test_each_virtio_net_device_is_mapped_to_its_own_backend_over_qmp(netns, qem
     finally:
         os.close(fd)
     q.wait_for_exe()
-    deadline = time.monotonic() + 10
-    while not os.path.exists(sock) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_qmp(sock, q.proc)
     with qmp.QmpClient.connect(sock) as client:
         nics = {n.virtio_path: n for n in nic_backends(client)}
         info = client.execute("human-monitor-command", {"command-line": "info network"})

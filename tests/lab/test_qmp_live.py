@@ -29,6 +29,7 @@ from agent.events import Space  # noqa: E402
 from agent.vmm.probe import (  # noqa: E402
     device_at, pci_device_for, pci_map, probe, virtio_devices, virtio_status,
 )
+from lab.harness import wait_qmp  # noqa: E402
 
 # What the command line asks for: (-device driver, id, extra properties, virtio type, PCI kind).
 # Kind follows QEMU's rule: transitional on the conventional root bus unless disable-legacy=on,
@@ -53,20 +54,6 @@ def qemu_argv(sock: str) -> list[str]:
         argv += ["-device", f"{driver},id={dev_id}{extra}"]
     argv += ["-device", ANON_DEVICE[0]]
     return argv
-
-
-def wait_qmp(path: str, proc: subprocess.Popen, timeout: float = 10.0) -> None:
-    """Until QEMU accepts QMP on `path`: the socket file appears at bind(), before listen(),
-    and a connect in between is refused."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            qmp.query(path, "query-status", timeout=2)
-            return
-        except (qmp.QmpConnectError, qmp.QmpProtocolError):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 class Qemu:

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.harness import wait_qmp
 from tests.lab.scrape import samples, wait_until
 
 pytestmark = [pytest.mark.kvm, pytest.mark.bpf]
@@ -162,12 +163,11 @@ def test_firmware_drivers_devices_are_named_from_the_enumeration(agent, tmp_path
                     f"{exported(agent, name)}\nqemu stderr:\n{tail(err, 8)}\n"
                     f"SeaBIOS:\n{tail(debug)}\nagent:\n{agent.stderr_tail()}")
 
-        def up():
-            if proc.poll() is not None:
-                raise AssertionError(f"QEMU exited with {proc.returncode}: {tail(err)}")
-            return qmp.exists()
-
-        wait_until("QEMU's QMP socket", up, timeout_s=20)
+        try:
+            wait_qmp(qmp, proc, timeout=20)
+        except Exception as exc:
+            raise AssertionError(f"QEMU's QMP socket: {exc}; qemu exit {proc.poll()}: "
+                                 f"{tail(err)}") from None
         pci = vm.pci()
         virtio = {d.qdev_id: d for d in pci if d.virtio_id is not None}
         assert {virtio[q].virtio_type for q in ("blk0", "net0", "rng0")} == {"blk", "net", "rng"}
