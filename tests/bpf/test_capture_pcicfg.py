@@ -13,10 +13,9 @@ import pytest
 
 from agent.events import Op, ProcessExit, QueueNotify, RegisterAccess, Space, pcicfg_addr
 from agent.model import WatchEcam
-from lab.harness import wait_qmp
 from agent.vmm.qmp import QmpClient
 from agent.vmm.probe import PciDevice, pci_map
-from lab.harness import GuestSpec, LabVM
+from lab.harness import GuestSpec, LabVM, wait_qmp
 
 from capture_lab_support import capture_fixture
 

@@ -167,8 +167,8 @@ def run_round(agent: AgentProcess, round_no: int) -> dict:
     try:
         wait_until(f"round {round_no}'s exits processed", settled)
     except AssertionError as e:
-        raise AssertionError(f"{e}; missing: {missing}; "
-                             f"last records: {[r for r in agent.records() if r['vm'].startswith(PREFIX)][-10:]}; "
+        ours = [r for r in agent.records() if r["vm"].startswith(PREFIX)]
+        raise AssertionError(f"{e}; missing: {missing}; last records: {ours[-10:]}; "
                              f"agent stderr:\n{agent.stderr_tail()}") from None
     return {"measured": (name, result), "storms": storm_results,
             "peak_device_series": peak_device_series}

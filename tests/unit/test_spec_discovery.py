@@ -498,16 +498,22 @@ def test_a_status_access_ends_the_wait_of_a_suspicion_even_at_the_interrupt_s_ti
     assert vm.views()[FN_NAME].suspected_since_ns is None
 
 
-def test_a_restored_episode_is_judged_against_the_gap_on_the_first_status_access():
+def restored_during_an_episode() -> Vm:
+    """A modern device's NEEDS_RESET episode is open when the agent's state is saved; a new
+    agent restores it (the VM still running) and goes on at the same time."""
     vm = Vm()
     modern(vm)
     vm.acc(R, MODERN + 0x14, 0x4F)
     state = checkpoint.dump(vm.c)
     c2 = Correlator(CorrelatorConfig(reorder_window_ns=0))
     checkpoint.restore(c2, state, lambda identity: True, vm.t)
-    vm2 = Vm(c2, name=None, t0=vm.t)
-    t = vm2.acc(R, MODERN + 0x14, 0x0F)         # running again: reset and re-init in the gap
-    [ended] = of(vm2.out, EpisodeEnded)
+    return Vm(c2, name=None, t0=vm.t)
+
+
+def test_a_restored_episode_is_judged_against_the_gap_on_the_first_status_access():
+    vm = restored_during_an_episode()
+    t = vm.acc(R, MODERN + 0x14, 0x0F)          # running again: reset and re-init in the gap
+    [ended] = of(vm.out, EpisodeEnded)
     assert ended.episode.outcome == Outcome.RECOVERED and ended.episode.resumed
     # seen recovered at this read; when DRIVER_OK was written is unknown
     assert ended.episode.end_ns == t and ended.episode.driver_ok_ns is None
@@ -723,11 +729,17 @@ def test_kicks_of_a_modern_device_found_from_traffic_by_qemu_s_layout(offset, pl
     assert vm.stat("kicks_unattributed") == (0 if placed else 1)
 
 
-def test_a_modern_device_found_from_traffic_kicked_after_its_config_interrupt_is_suspected():
-    hint = DeviceHint(MMIO, MODERN + 0x14, config_vector=CONFIG_VEC)   # the vector only
+def modern_after_its_config_interrupt() -> tuple[Vm, int]:
+    """A modern device found from traffic, hinted with its config vector only, and that
+    vector's interrupt: the VM and the interrupt's time."""
+    hint = DeviceHint(MMIO, MODERN + 0x14, config_vector=CONFIG_VEC)
     vm = Vm(hints=(hint,))
     modern(vm)
-    t = vm.apic(CONFIG_VEC, dt=2 * S)
+    return vm, vm.apic(CONFIG_VEC, dt=2 * S)
+
+
+def test_a_modern_device_found_from_traffic_kicked_after_its_config_interrupt_is_suspected():
+    vm, t = modern_after_its_config_interrupt()
     k = vm.kick(MODERN + 0x3008, dt=100 * MS)
     vm.tick(k + 1 * S)
     [s] = of(vm.out, NeedsResetSuspected)
@@ -735,10 +747,7 @@ def test_a_modern_device_found_from_traffic_kicked_after_its_config_interrupt_is
 
 
 def test_kicks_at_many_addresses_are_all_placed():
-    hint = DeviceHint(MMIO, MODERN + 0x14, config_vector=CONFIG_VEC)
-    vm = Vm(hints=(hint,))
-    modern(vm)
-    t = vm.apic(CONFIG_VEC, dt=2 * S)
+    vm, t = modern_after_its_config_interrupt()
     for q in range(300):                        # page-per-vq aside, 4 bytes a queue
         vm.kick(MODERN + 0x3000 + 4 * q, dt=100 * US)
     vm.kick(MODERN + 0x3000, dt=100 * US)
@@ -997,15 +1006,9 @@ def test_a_hinted_device_evicting_another_ends_its_episode_abandoned_then():
 def test_a_restored_episode_s_first_write_with_driver_ok_is_its_recovery():
     """docs/run.md "Restarts": a driver write during NEEDS_RESET with no reset seen follows a
     reset in the gap: it is the re-initialisation, measured (DRIVER_OK: recovered then)."""
-    vm = Vm()
-    modern(vm)
-    vm.acc(R, MODERN + 0x14, 0x4F)
-    state = checkpoint.dump(vm.c)
-    c2 = Correlator(CorrelatorConfig(reorder_window_ns=0))
-    checkpoint.restore(c2, state, lambda identity: True, vm.t)
-    vm2 = Vm(c2, name=None, t0=vm.t)
-    t = vm2.acc(W, MODERN + 0x14, 0x0F)
-    [ended] = of(vm2.out, EpisodeEnded)
+    vm = restored_during_an_episode()
+    t = vm.acc(W, MODERN + 0x14, 0x0F)
+    [ended] = of(vm.out, EpisodeEnded)
     assert ended.episode.outcome == Outcome.RECOVERED and ended.episode.driver_ok_ns == t
     assert ended.episode.reinit_values == [0x0F]
 

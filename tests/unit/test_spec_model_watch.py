@@ -342,22 +342,23 @@ def test_the_span_covers_every_virtio_memory_bar_of_the_vm_and_grows_without_a_g
     assert bars(h.since(m)) == []
 
 
-def test_a_bar_found_assigned_without_its_sizing_counts_as_its_first_page():
-    # the agent started after the firmware: the driver reads the BARs, never sizes them
+def found_assigned(bar4: int, bar1: int) -> tuple[Host, Function]:
+    """The agent started after the firmware: BAR1 and BAR4 (64-bit) hold their addresses and
+    the driver reads them, never sizes them."""
     h = Host()
-    fn = Function(3 << 3, bar4=0xFD000000, bar1=0xFEB80000)
+    fn = Function(3 << 3, bar4=bar4, bar1=bar1)
     fn._w(0x14, 4, fn.bar1)
     fn._w(0x20, 4, fn.bar4 | 0x4)
     for off in (0x00, 0x08, 0x14, 0x20, 0x24):
         h.guest.cfg_read(fn, off)
+    return h, fn
+
+
+def test_a_bar_found_assigned_without_its_sizing_counts_as_its_first_page():
+    h, _ = found_assigned(bar4=0xFD000000, bar1=0xFEB80000)
     assert bars(h.out)[-1] == WatchDeviceBars(PID, 0xFD000000, 0xFEB81000 - 0xFD000000)
     # sized later: the real size (BAR4: 16 KiB; BAR1 stays the end)
-    h2 = Host()
-    fn2 = Function(3 << 3, bar4=0xFEB90000, bar1=0xFEB80000)
-    fn2._w(0x14, 4, fn2.bar1)
-    fn2._w(0x20, 4, fn2.bar4 | 0x4)
-    for off in (0x00, 0x08, 0x14, 0x20, 0x24):
-        h2.guest.cfg_read(fn2, off)
+    h2, fn2 = found_assigned(bar4=0xFEB90000, bar1=0xFEB80000)
     assert bars(h2.out)[-1] == WatchDeviceBars(PID, 0xFEB80000, 0xFEB91000 - 0xFEB80000)
     m = h2.mark()
     h2.guest.cfg_write(fn2, 0x20, 0xFFFFFFFF)
@@ -626,6 +627,15 @@ def init_driver(h: Host, status_addr: int, space: str = E.Space.MMIO) -> None:
         h.access(space, E.Op.WRITE, status_addr, 1, v)
 
 
+def line_rise_then_isr_and_status_read(h: Host, line: int, fn: Function, name: str):
+    """A line rises, the driver reads ISR (config bit) then status with NEEDS_RESET: the
+    device's open episode and the rise's time."""
+    rise = h.line(line)
+    h.access(E.Space.MMIO, E.Op.READ, fn.bar4 + 0x1000, 1, 0x2)
+    h.access(E.Space.MMIO, E.Op.READ, fn.bar4 + 0x14, 1, 0x4F)
+    return h.views()[name].open_episode, rise
+
+
 def test_a_config_interrupt_counts_only_on_its_vector_and_destination_as_reprogrammed():
     h = Host()
     fn = Function(3 << 3)
@@ -681,10 +691,7 @@ def test_an_msix_devices_line_register_is_no_shared_line_for_an_intx_device():
     h.guest.program(b, config_vector=None)
     init_driver(h, a.bar4 + 0x14)
     init_driver(h, b.bar4 + 0x14)
-    rise = h.line(11)
-    h.access(E.Space.MMIO, E.Op.READ, b.bar4 + 0x1000, 1, 0x2)
-    h.access(E.Space.MMIO, E.Op.READ, b.bar4 + 0x14, 1, 0x4F)
-    ep = h.views()["pci-0000:00:04.0"].open_episode
+    ep, rise = line_rise_then_isr_and_status_read(h, 11, b, "pci-0000:00:04.0")
     assert (ep.evidence, ep.start_ns) == (Evidence.CONFIG_INTERRUPT, rise)
     [dev_a] = [d for d in model_of(h.c)["devices"] if d["id"] == "pci-0000:00:03.0"]
     assert dev_a["gsi"] is None
@@ -698,10 +705,7 @@ def test_an_intx_device_whose_line_another_devices_hint_shares_is_not_timed():
     b = Function(4 << 3, bar4=0xFC000000, bar1=0xFEB84000, msix_vectors=0, line=11)
     h.guest.program(b, config_vector=None)
     init_driver(h, b.bar4 + 0x14)
-    h.line(11)
-    h.access(E.Space.MMIO, E.Op.READ, b.bar4 + 0x1000, 1, 0x2)
-    h.access(E.Space.MMIO, E.Op.READ, b.bar4 + 0x14, 1, 0x4F)
-    ep = h.views()["pci-0000:00:04.0"].open_episode
+    ep, _ = line_rise_then_isr_and_status_read(h, 11, b, "pci-0000:00:04.0")
     assert ep.evidence == Evidence.STATUS_READ
 
 
@@ -720,10 +724,7 @@ def test_an_intx_device_switching_to_msix_is_timed_by_its_vector_not_its_line():
     [dev] = model_of(h.c)["devices"]
     assert (dev["gsi"], dev["config_vector"]) == (None, 0x41)
     # a rise of line 10 and an ISR read are no longer the config interrupt's timing
-    h.line(10)
-    h.access(E.Space.MMIO, E.Op.READ, fn.bar4 + 0x1000, 1, 0x2)
-    h.access(E.Space.MMIO, E.Op.READ, fn.bar4 + 0x14, 1, 0x4F)
-    ep = h.views()["pci-0000:00:03.0"].open_episode
+    ep, _ = line_rise_then_isr_and_status_read(h, 10, fn, "pci-0000:00:03.0")
     assert ep.evidence == Evidence.STATUS_READ
 
 
