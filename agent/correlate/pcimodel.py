@@ -319,10 +319,8 @@ class PciFunction:
     @property
     def msix_enabled(self) -> Optional[bool]:
         """True when MSI-X is on and not function-masked; None if not known."""
-        ctrl = self.msix_control()
-        if ctrl is None:
-            return None if self.msix_cap() is not None else False
-        return bool(ctrl & 0x8000) and not ctrl & 0x4000
+        on = self.msix_enable_set
+        return on and not self.msix_control() & 0x4000     # (None / False as they are)
 
     @property
     def msix_enable_set(self) -> Optional[bool]:
